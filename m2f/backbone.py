@@ -1,0 +1,69 @@
+"""Backbones from timm: ResNets with frozen BatchNorm and Swin Transformers, as res2..res5 features.
+
+No weights are downloaded: `weights` is a local file (a timm/torchvision state dict, or an m2f
+checkpoint's backbone) or None for random initialisation.
+"""
+
+from pathlib import Path
+
+import timm
+import torch
+from timm.layers import freeze_batch_norm_2d
+from torch import Tensor, nn
+
+FEATURE_NAMES = ("res2", "res3", "res4", "res5")
+
+
+class Backbone(nn.Module):
+    """A timm feature extractor returning NCHW maps at strides 4, 8, 16 and 32.
+
+    Args:
+        name: a timm model name ("resnet50", "swin_tiny_patch4_window7_224", ...).
+        weights: optional local state-dict file for the timm model.
+        freeze_bn: replace BatchNorm by FrozenBatchNorm2d (the original's FrozenBN for ResNets).
+        drop_path_rate: stochastic depth of Swin backbones.
+
+    Attributes:
+        channels: channel count of res2..res5.
+        strides: (4, 8, 16, 32).
+    """
+
+    def __init__(self, *, name: str, weights: str | None = None, freeze_bn: bool = True, drop_path_rate: float = 0.0):
+        super().__init__()
+        self.is_swin = name.startswith("swin")
+        kwargs: dict = {"features_only": True, "out_indices": (0, 1, 2, 3) if self.is_swin else (1, 2, 3, 4)}
+        if self.is_swin:
+            # Any input size (padded to a multiple of 32); windows are padded inside timm's blocks.
+            kwargs.update(dynamic_img_size=True, drop_path_rate=drop_path_rate)
+        try:
+            self.body = timm.create_model(name, pretrained=False, **kwargs)
+        except RuntimeError as err:
+            raise ValueError(f"timm cannot build backbone {name!r} with features_only: {err}") from err
+        if weights is not None:
+            self._load(Path(weights))
+        if freeze_bn:
+            self.body = freeze_batch_norm_2d(self.body)
+        self.channels = tuple(self.body.feature_info.channels())
+        self.strides = tuple(self.body.feature_info.reduction())
+        if self.strides != (4, 8, 16, 32):
+            raise ValueError(f"backbone {name!r} has strides {self.strides}; Mask2Former needs (4, 8, 16, 32)")
+        # The original's Swin wrapper normalises every output level with its own LayerNorm.
+        self.out_norms = nn.ModuleList(nn.LayerNorm(c) for c in self.channels) if self.is_swin else None
+
+    def _load(self, path: Path) -> None:
+        if not path.is_file():
+            raise FileNotFoundError(f"backbone weights {path} not found (m2f never downloads weights)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("model", state) if isinstance(state, dict) else state
+        missing, unexpected = self.body.load_state_dict(state, strict=False)
+        # Classifier heads are dropped by features_only, so unexpected "fc."/"head." keys are expected.
+        unexpected = [k for k in unexpected if not k.startswith(("fc.", "head.", "norm."))]
+        if missing or unexpected:
+            raise ValueError(f"backbone weights {path}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        """images (B,3,H,W) normalised -> {"res2": (B,C2,H/4,W/4), ..., "res5": (B,C5,H/32,W/32)}."""
+        feats = self.body(images)
+        if self.out_norms is not None:  # timm's Swin returns NHWC
+            feats = [norm(f).permute(0, 3, 1, 2).contiguous() for norm, f in zip(self.out_norms, feats)]
+        return dict(zip(FEATURE_NAMES, feats))

@@ -1,0 +1,143 @@
+"""The multi-scale deformable attention Transformer encoder of the pixel decoder (Deformable DETR).
+
+Every pixel of every level is a query; each query samples P points per head on each of the L levels
+around its reference point (the pixel's own centre) and mixes them with learned weights.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from m2f.ops import ms_deform_attn
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention (Zhu et al., 2021), the module around the op.
+
+    Args:
+        dim: model width C.
+        num_heads: M; the head width C/M is what the kernels see as D.
+        num_levels: L.
+        num_points: P sampling points per head and level.
+        impl: the op implementation ("auto", "torch", "cpu", "cuda"); see `m2f.ops.ms_deform_attn`.
+    """
+
+    def __init__(self, *, dim: int, num_heads: int, num_levels: int, num_points: int, impl: str = "auto"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads, self.num_levels, self.num_points, self.impl = num_heads, num_levels, num_points, impl
+        self.sampling_offsets = nn.Linear(dim, num_heads * num_levels * num_points * 2)
+        self.attention_weights = nn.Linear(dim, num_heads * num_levels * num_points)
+        self.value_proj = nn.Linear(dim, dim)
+        self.output_proj = nn.Linear(dim, dim)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # Offsets start on a ring: head h looks in direction 2πh/M, point p at distance p+1 (in pixels
+        # of each level), so the initial sampling pattern already covers a neighbourhood.
+        nn.init.zeros_(self.sampling_offsets.weight)
+        angles = torch.arange(self.num_heads, dtype=torch.float32) * (2.0 * math.pi / self.num_heads)
+        grid = torch.stack([angles.cos(), angles.sin()], -1)
+        grid = grid / grid.abs().max(-1, keepdim=True).values
+        grid = grid.view(self.num_heads, 1, 1, 2).repeat(1, self.num_levels, self.num_points, 1)
+        grid = grid * torch.arange(1, self.num_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        for layer in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(
+        self,
+        query: Tensor,
+        reference_points: Tensor,
+        value: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+    ) -> Tensor:
+        """
+        Args:
+            query: (B, Lq, C) queries (features + positional encoding).
+            reference_points: (B, Lq, L, 2) normalised (x, y) reference point of each query on each level.
+            value: (B, S, C) the features of all levels, flattened.
+            spatial_shapes: (L, 2) int64 (H_l, W_l).
+            level_start_index: (L,) int64 offset of each level in S.
+
+        Returns:
+            (B, Lq, C)
+        """
+        batch, num_queries, dim = query.shape
+        heads, levels, points = self.num_heads, self.num_levels, self.num_points
+        v = self.value_proj(value).view(batch, value.shape[1], heads, dim // heads)
+        offsets = self.sampling_offsets(query).view(batch, num_queries, heads, levels, points, 2)
+        weights = self.attention_weights(query).view(batch, num_queries, heads, levels * points)
+        weights = weights.softmax(-1).view(batch, num_queries, heads, levels, points)
+        # Offsets are in pixels of each level; normalise by (W_l, H_l) to add them to [0, 1] references.
+        normalizer = spatial_shapes.flip(-1).to(offsets.dtype)  # (L, 2) as (W, H)
+        locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        out = ms_deform_attn(v, spatial_shapes, level_start_index, locations, weights, impl=self.impl)
+        return self.output_proj(out)
+
+
+class DeformableEncoderLayer(nn.Module):
+    """Post-norm layer: deformable self-attention over all levels, then a ReLU FFN."""
+
+    def __init__(self, *, dim: int, ffn_dim: int, num_heads: int, num_levels: int, num_points: int,
+                 dropout: float = 0.0, impl: str = "auto"):
+        super().__init__()
+        self.self_attn = MSDeformAttn(dim=dim, num_heads=num_heads, num_levels=num_levels,
+                                      num_points=num_points, impl=impl)
+        self.norm1 = nn.LayerNorm(dim)
+        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: Tensor,
+                level_start_index: Tensor) -> Tensor:
+        """src, pos (B, S, C) -> (B, S, C). The positional encoding goes into the query, not the value."""
+        attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index)
+        src = self.norm1(src + self.dropout(attn))
+        ffn = self.linear2(self.dropout(F.relu(self.linear1(src))))
+        return self.norm2(src + self.dropout(ffn))
+
+
+class DeformableEncoder(nn.Module):
+    """A stack of `DeformableEncoderLayer`s over the flattened multi-scale features."""
+
+    def __init__(self, *, num_layers: int, dim: int, ffn_dim: int, num_heads: int, num_levels: int,
+                 num_points: int, dropout: float = 0.0, impl: str = "auto"):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            DeformableEncoderLayer(dim=dim, ffn_dim=ffn_dim, num_heads=num_heads, num_levels=num_levels,
+                                   num_points=num_points, dropout=dropout, impl=impl)
+            for _ in range(num_layers)
+        )
+
+    @staticmethod
+    def reference_points(spatial_shapes: Tensor, num_levels: int, device: torch.device) -> Tensor:
+        """(1, S, L, 2): each pixel's centre ((j+0.5)/W, (i+0.5)/H), the same on every level.
+
+        The original scales by "valid ratios", which are always 1 because padding is never masked.
+        """
+        points = []
+        for h, w in spatial_shapes.tolist():
+            ys, xs = torch.meshgrid(
+                (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h,
+                (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w,
+                indexing="ij",
+            )
+            points.append(torch.stack((xs.flatten(), ys.flatten()), -1))
+        return torch.cat(points)[None, :, None, :].expand(1, -1, num_levels, 2)
+
+    def forward(self, src: Tensor, pos: Tensor, spatial_shapes: Tensor, level_start_index: Tensor) -> Tensor:
+        """src, pos (B, S, C), spatial_shapes (L, 2) -> (B, S, C)."""
+        ref = self.reference_points(spatial_shapes, spatial_shapes.shape[0], src.device)
+        for layer in self.layers:
+            src = layer(src, pos, ref, spatial_shapes, level_start_index)
+        return src
