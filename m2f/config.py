@@ -178,11 +178,13 @@ PRESETS: dict[str, list[str]] = {
     "r50_coco_instance": _COCO_INSTANCE,
     "r50_ade20k_semantic": _ADE20K_SEMANTIC,
     "swin_t_ade20k_semantic": [*_ADE20K_SEMANTIC, *_SWIN["t"]],
-    # CPU scale: a small ResNet trained from scratch (so its BatchNorm trains), narrow layers, small
+    # CPU scale: a small CNN trained from scratch (so its BatchNorm trains), narrow layers, small
     # images of the synthetic dataset, few points. The architecture and every rule are the paper's.
+    # regnetx_002 is the fastest timm backbone with strides 4-32 on 2 CPU cores (3x faster than
+    # resnet18 for a training step at 128 px), which buys iterations within the main job's budget.
     "tiny": [
         "model.num_classes=10",
-        "model.backbone=resnet18",
+        "model.backbone=regnetx_002",
         "model.freeze_backbone_bn=false",
         "model.conv_dim=64",
         "model.mask_dim=64",
