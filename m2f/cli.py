@@ -1,0 +1,149 @@
+"""The `m2f` command line: thin argparse wrappers around the library's functions.
+
+Imports happen inside each command so that `m2f --help` is instant.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="tiny", help="preset name (see `m2f info`)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.max_iters=60 (repeatable)")
+
+
+def _config(args: argparse.Namespace, extra: list[str] = ()):  # type: ignore[assignment]
+    from m2f.config import get_config
+
+    return get_config(args.config, [*extra, *args.overrides])
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from m2f.config import get_config, list_presets
+
+    if args.preset:
+        from m2f.model import build_model, count_parameters
+
+        cfg = get_config(args.preset, args.overrides)
+        print(cfg.to_json())
+        print(f"parameters: {count_parameters(build_model(cfg)) / 1e6:.2f}M")
+    else:
+        print("presets:", ", ".join(list_presets()))
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    from m2f.data.synthetic import generate
+
+    summary = generate(args.out, num_train=args.train, num_val=args.val, image_size=args.size, seed=args.seed)
+    print(json.dumps(summary, indent=2, default=str))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from m2f.train import train
+
+    cfg = _config(args, [f"data.root={args.data}"] if args.data else [])
+    result = train(cfg, out_dir=args.out, resume=args.resume)
+    print(json.dumps({k: v for k, v in result.items() if k != "eval"}, indent=2))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from m2f.inference import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.run, data=args.data, task=args.task, layers=args.layers,
+                                  max_images=args.max_images, out=args.out)
+    print(json.dumps(metrics, indent=2))
+
+
+def cmd_eval_files(args: argparse.Namespace) -> None:
+    from m2f.evaluation.files import evaluate_instance_files
+    from m2f.evaluation.panoptic_quality import pq_compute
+
+    if args.kind == "panoptic":
+        if not (args.gt_folder and args.pred_folder):
+            raise SystemExit("m2f eval-files panoptic needs --gt-folder and --pred-folder")
+        metrics = pq_compute(args.gt_json, args.pred_json, args.gt_folder, args.pred_folder)
+    else:
+        metrics = evaluate_instance_files(args.gt_json, args.pred_json)
+    text = json.dumps(metrics, indent=2, default=str)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+
+
+def cmd_doctor(args: argparse.Namespace) -> None:
+    from m2f.ops.doctor import doctor, format_doctor
+
+    print(format_doctor(doctor()))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from m2f.demo import main_job
+
+    main_job(out=Path(args.out), iters=args.iters)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="m2f", description="Mask2Former research workbench")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="list presets, or print a preset's config and parameter count")
+    p.add_argument("preset", nargs="?")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    s = p.add_parser("synth", help="generate the synthetic panoptic benchmark in COCO formats")
+    s.add_argument("out")
+    s.add_argument("--train", type=int, default=1000)
+    s.add_argument("--val", type=int, default=200)
+    s.add_argument("--size", type=int, default=128)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_synth)
+
+    p = sub.add_parser("train", help="train a model (also under torchrun)")
+    _add_config_args(p)
+    p.add_argument("--data", help="dataset root (sets data.root)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pth")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run directory or checkpoint, writing a metrics JSON")
+    p.add_argument("run", help="run directory or checkpoint file")
+    p.add_argument("--data", help="dataset root (default: the run's data.root)")
+    p.add_argument("--task", choices=["panoptic", "instance", "semantic"], default=None)
+    p.add_argument("--layers", choices=["final", "all"], default="final", help="also evaluate every decoder layer")
+    p.add_argument("--max-images", type=int, default=0)
+    p.add_argument("--out", help="metrics JSON path (default: RUN/eval_<task>.json)")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("eval-files", help="metrics from COCO result files made by any model")
+    p.add_argument("kind", choices=["panoptic", "instance"])
+    p.add_argument("gt_json")
+    p.add_argument("pred_json")
+    p.add_argument("--gt-folder")
+    p.add_argument("--pred-folder")
+    p.add_argument("--out")
+    p.set_defaults(fn=cmd_eval_files)
+
+    p = sub.add_parser("doctor", help="what this machine can run (kernels, compilers, CUDA)")
+    p.set_defaults(fn=cmd_doctor)
+
+    p = sub.add_parser("demo", help="the main job: synthetic data, tiny-scale reproduction, where results are")
+    p.add_argument("--out", default="out", help="output folder")
+    p.add_argument("--iters", type=int, default=None, help="training iterations per run (default: the tiny preset's)")
+    p.set_defaults(fn=cmd_demo)
+
+    args = parser.parse_args(argv)
+    try:
+        args.fn(args)
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        # User errors (bad config key, missing file, wrong dataset) are one clear line, not a traceback.
+        print(f"m2f {args.command}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+
+
+if __name__ == "__main__":
+    main()
