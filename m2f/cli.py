@@ -58,8 +58,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_files(args: argparse.Namespace) -> None:
-    from m2f.evaluation.files import evaluate_instance_files
-    from m2f.evaluation.panoptic_quality import pq_compute
+    from m2f.evaluation import evaluate_instance_files, pq_compute
 
     if args.kind == "panoptic":
         if not (args.gt_folder and args.pred_folder):
@@ -83,6 +82,19 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from m2f.demo import main_job
 
     main_job(out=Path(args.out), iters=args.iters)
+
+
+def cmd_dashboard(args: argparse.Namespace) -> None:
+    import subprocess
+
+    app = Path(__file__).resolve().parents[1] / "dashboards" / "app.py"
+    if not app.is_file():
+        raise FileNotFoundError(f"{app} not found: `m2f dashboard` needs a source checkout of m2f")
+    command = [sys.executable, "-m", "panel", "serve", str(app), "--address", args.address, "--port", str(args.port),
+               f"--allow-websocket-origin={args.address}:{args.port}", *(["--show"] if args.show else []),
+               *(["--args", *args.runs] if args.runs else [])]
+    print(f"m2f dashboard: http://{args.address}:{args.port}/app (Ctrl+C stops it)", flush=True)
+    raise SystemExit(subprocess.call(command))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -135,6 +147,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="out", help="output folder")
     p.add_argument("--iters", type=int, default=None, help="training iterations per run (default: the tiny preset's)")
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("dashboard", help="serve the Panel dashboards (attention, proposals, per-layer metrics)")
+    p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run directories or checkpoint files")
+    p.add_argument("--address", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5006)
+    p.add_argument("--show", action="store_true", help="open the page in a browser")
+    p.set_defaults(fn=cmd_dashboard)
 
     args = parser.parse_args(argv)
     try:

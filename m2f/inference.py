@@ -79,44 +79,13 @@ def coco_annotation_paths(root: str | Path, split: str) -> dict[str, Path]:
             "instances_json": root / "annotations" / f"instances_{name}.json"}
 
 
-class _SetEvaluators:
-    """The metric accumulators of one prediction set (one decoder layer)."""
-
-    def __init__(self, *, tasks: list[str], categories: Any, paths: dict[str, Path], proposals: bool):
-        from m2f.evaluation.instance_ap import InstanceEvaluator
-        from m2f.evaluation.panoptic_quality import PanopticEvaluator
-        from m2f.evaluation.proposal_recall import ProposalRecallEvaluator
-        from m2f.evaluation.semantic_iou import SemanticEvaluator
-
-        self.tasks = tasks
-        self.panoptic = PanopticEvaluator(categories=categories.to_coco()) if "panoptic" in tasks else None
-        self.semantic = SemanticEvaluator(num_classes=len(categories)) if "semantic" in tasks else None
-        self.instance = (InstanceEvaluator(ground_truth=paths["instances_json"], category_ids=categories.ids)
-                         if "instance" in tasks else None)
-        self.proposals = ProposalRecallEvaluator(ground_truth=paths["instances_json"]) if proposals else None
-
-    def compute(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if self.panoptic:
-            pq = self.panoptic.compute()
-            out["panoptic"] = {"PQ": pq["All"]["pq"], "SQ": pq["All"]["sq"], "RQ": pq["All"]["rq"],
-                               "PQ_th": pq["Things"]["pq"], "PQ_st": pq["Stuff"]["pq"], "per_class": pq["per_class"]}
-        if self.instance:
-            out["instance"] = self.instance.compute()
-        if self.semantic:
-            out["semantic"] = self.semantic.compute()
-        if self.proposals:
-            out["proposals"] = self.proposals.compute()
-        return out
-
-
 def evaluate(model: Mask2Former, cfg: Config, *, split: str | None = None, layers: str = "final",
              max_images: int | None = None, proposals: bool = False, progress: bool = False) -> dict[str, Any]:
     """Metrics of `model` on a split of `cfg.data` (COCO panoptic or instance layout).
 
     The tasks are those `cfg.test` enables: panoptic (PQ/SQ/RQ, things/stuff), instance (COCO mask AP
-    against the instances JSON; AP^Th_pan for a panoptic model) and semantic (mIoU; mIoU_pan against
-    the panoptic ground truth for a panoptic model). Results are at the original image size.
+    against the instances JSON; AP^Th_pan for a panoptic model) and semantic (mIoU_pan against the
+    panoptic ground truth). Predictions are made at the test size and evaluated at the original size.
 
     Args:
         split: default `cfg.data.val_split`.
@@ -126,76 +95,67 @@ def evaluate(model: Mask2Former, cfg: Config, *, split: str | None = None, layer
         proposals: also class-agnostic AR@1/10/100 of the Q mask proposals (Fig. 3).
 
     Returns:
-        {"panoptic": {...}, "instance": {...}, "semantic": {...}, "num_images": N} (+ "layers").
+        {"panoptic": {"PQ", "SQ", "RQ", "PQ_th", "PQ_st", ...}, "instance": {"AP", ...}, "semantic":
+        {"mIoU", ...}, "proposals": {"AR@100", ...}, "num_images": N} (+ "layers"); values in [0, 1].
     """
     from tqdm import tqdm
 
     from m2f.data import build_dataset, build_test_transforms
-    from m2f.evaluation.coco_io import read_json, read_panoptic_png
-    from m2f.evaluation.semantic_iou import panoptic_to_semantic
-    from m2f.postprocess import postprocess
+    from m2f.evaluation import LayerwiseEvaluator, ProposalRecallEvaluator, read_json
 
     d, test = cfg.data, cfg.test
-    if d.format not in ("coco_panoptic", "coco_instance"):
-        raise ValueError(f"evaluate supports the COCO layouts (data.format coco_panoptic / coco_instance), "
-                         f"not {d.format!r}")
+    if d.format != "coco_panoptic":
+        raise ValueError(f"evaluate reads the COCO panoptic layout (data.format=coco_panoptic), not {d.format!r}; "
+                         "for other formats use the evaluators in m2f.evaluation directly")
     if layers not in ("final", "all"):
         raise ValueError(f"layers must be 'final' or 'all', got {layers!r}")
     split = split or d.val_split
-    transforms = build_test_transforms(size=d.test_size, max_size=d.test_max_size)
-    dataset = build_dataset(d.format, d.root, split, task=d.task, transforms=transforms)
-    categories = dataset.categories
+    dataset = build_dataset(d.format, d.root, split, task="panoptic",
+                            transforms=build_test_transforms(size=d.test_size, max_size=d.test_max_size))
     paths = coco_annotation_paths(d.root, split)
-    tasks = [t for t, on in (("panoptic", test.panoptic_on), ("instance", test.instance_on),
-                             ("semantic", test.semantic_on)) if on]
-    if d.format == "coco_instance":
-        tasks = ["instance"]
-    panoptic_gt = {}
-    if d.format == "coco_panoptic" and {"panoptic", "semantic"} & set(tasks):
-        panoptic_gt = {a["image_id"]: a for a in read_json(paths["panoptic_json"], "panoptic annotations")["annotations"]}
-    num_sets = (cfg.model.dec_layers + 1) if layers == "all" else 1
-    evaluators = [_SetEvaluators(tasks=tasks, categories=categories, paths=paths, proposals=proposals)
-                  for _ in range(num_sets)]
+    panoptic_gt = {a["image_id"]: a for a in read_json(paths["panoptic_json"], "panoptic annotations")["annotations"]}
+    num_sets = cfg.model.dec_layers + 1 if layers == "all" else 1
+    evaluator = LayerwiseEvaluator(
+        categories=dataset.categories.to_coco(), panoptic=test.panoptic_on, semantic=test.semantic_on,
+        instance_ground_truth=paths["instances_json"] if test.instance_on else None,
+        num_prediction_sets=num_sets, object_mask_threshold=test.object_mask_threshold,
+        overlap_threshold=test.overlap_threshold, topk=test.topk_per_image)
+    recall = [ProposalRecallEvaluator(ground_truth=paths["instances_json"]) for _ in range(num_sets)] if proposals else []
     limit = max_images if max_images is not None else d.max_val_images
     count = min(len(dataset), limit) if limit else len(dataset)
-    is_thing = categories.isthing
-    label_of = {c: k for k, c in enumerate(categories.ids)}
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     for index in tqdm(range(count), desc="evaluate", disable=not progress):
         item = dataset[index]
-        image_id, size = item["image_id"], (item["height"], item["width"])
+        gt = panoptic_gt[item["image_id"]]
         with torch.no_grad():
             out = model([item["image"].to(device)])
-        sets = [*out["aux_outputs"], out] if layers == "all" else [out]
-        sizes = {"image_sizes": [tuple(item["image"].shape[-2:])], "output_sizes": [size],
+        if layers == "final":
+            out = {k: v for k, v in out.items() if k != "aux_outputs"}
+        sizes = {"image_sizes": [tuple(item["image"].shape[-2:])], "output_sizes": [(item["height"], item["width"])],
                  "padded_size": out["padded_size"]}
-        gt = panoptic_gt.get(image_id)
-        gt_ids = read_panoptic_png(paths["panoptic_dir"] / gt["file_name"]) if gt else None
-        gt_semantic = (panoptic_to_semantic(gt_ids, gt["segments_info"], category_to_label=label_of)
-                       if gt is not None and "semantic" in tasks else None)
-        for predictions, ev in zip(sets, evaluators):
-            preds = {k: v.float() for k, v in predictions.items() if k in ("pred_logits", "pred_masks")}
-            if ev.panoptic and gt is not None:
-                pan = postprocess(preds, task="panoptic", **sizes, **_task_options("panoptic", is_thing, test))[0]
-                ev.panoptic.update(pred_ids=pan["panoptic_seg"].cpu(), pred_segments=pan["segments_info"],
-                                   gt_ids=gt_ids, gt_segments=gt["segments_info"], image_id=image_id)
-            if ev.semantic and gt_semantic is not None:
-                sem = postprocess(preds, task="semantic", **sizes)[0]
-                ev.semantic.update(sem.cpu(), gt_semantic)
-            if ev.instance:
-                inst = postprocess(preds, task="instance", **sizes, **_task_options("instance", is_thing, test))[0]
-                ev.instance.update(image_id, inst["masks"].cpu(), inst["scores"].cpu(), inst["labels"].cpu())
-            if ev.proposals:
-                masks, scores = _proposals(preds, sizes)
-                ev.proposals.update(image_id, masks, scores)
+        evaluator.update(out, image_ids=[item["image_id"]], **sizes,
+                         panoptic_targets=[(paths["panoptic_dir"] / gt["file_name"], gt["segments_info"])])
+        for meter, predictions in zip(recall, [*out.get("aux_outputs", []), out]):
+            meter.update(item["image_id"], *_proposals(predictions, sizes))
     model.train(was_training)
-    results = [ev.compute() for ev in evaluators]
+    results = [_summary(r) for r in evaluator.compute()]
+    for result, meter in zip(results, recall):
+        result["proposals"] = meter.compute()
     final = {**results[-1], "num_images": count}
     if layers == "all":
         final["layers"] = results
     return final
+
+
+def _summary(result: dict[str, Any]) -> dict[str, Any]:
+    """Adds the headline PQ numbers (PQ, SQ, RQ, PQ_th, PQ_st) beside panopticapi's nested dict."""
+    if "panoptic" in result:
+        pq = result["panoptic"]
+        result["panoptic"] = {"PQ": pq["All"]["pq"], "SQ": pq["All"]["sq"], "RQ": pq["All"]["rq"],
+                              "PQ_th": pq["Things"]["pq"], "PQ_st": pq["Stuff"]["pq"], **pq}
+    return result
 
 
 def _proposals(preds: dict[str, torch.Tensor], sizes: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

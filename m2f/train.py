@@ -102,13 +102,15 @@ def train(cfg: Config, *, out_dir: str | Path, resume: bool = False, progress: b
         with amp:
             outputs = ddp([im.to(device) for im in images])
         targets = pad_targets(targets, outputs["padded_size"], device)
-        losses = criterion(supervised_outputs(outputs, cfg.model.query_features), targets)
+        try:
+            losses = criterion(supervised_outputs(outputs, cfg.model.query_features), targets)
+            if not torch.isfinite(losses["loss"]):
+                terms = {k: v.item() for k, v in losses.items() if not math.isfinite(v.item())}
+                raise FloatingPointError(f"non-finite loss terms {terms}; lower train.lr or disable train.amp.")
+        except FloatingPointError as err:  # from the loss or from the matcher's cost check
+            raise FloatingPointError(f"training diverged at iteration {iteration}: {err} "
+                                     f"--resume restarts from the last good checkpoint, {run / CHECKPOINT}") from err
         loss = losses["loss"]
-        if not torch.isfinite(loss):
-            terms = {k: v.item() for k, v in losses.items() if not math.isfinite(v.item())}
-            raise FloatingPointError(
-                f"non-finite loss at iteration {iteration}: {terms}. Lower train.lr or disable train.amp; "
-                f"the last good checkpoint is {run / CHECKPOINT}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
@@ -143,15 +145,10 @@ def train(cfg: Config, *, out_dir: str | Path, resume: bool = False, progress: b
     return {"iterations": cfg.train.max_iters, "final_loss": last_loss, "eval": last_eval, "run_dir": str(run)}
 
 
-def _scalars(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """Flattens nested metric dicts to "a/b" keys, keeping numbers only (for metrics.jsonl)."""
-    flat: dict[str, float] = {}
-    for k, v in metrics.items():
-        if isinstance(v, dict):
-            flat.update(_scalars(v, f"{prefix}{k}/"))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            flat[f"{prefix}{k}"] = float(v)
-    return flat
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """The headline numbers of an evaluation as "task/metric" keys (per-class tables stay out of the log)."""
+    return {f"{task}/{k}": float(v) for task, values in metrics.items() if isinstance(values, dict)
+            for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _append_metrics(run: Path, record: dict[str, Any]) -> None:

@@ -107,7 +107,9 @@ def build_train_loader(cfg: Config, *, rank: int, world_size: int, start_iter: i
     d = cfg.data
     transforms = build_train_transforms(task=d.task, image_size=d.image_size, min_scale=d.min_scale,
                                         max_scale=d.max_scale)
-    dataset = build_dataset(d.format, d.root, d.train_split, task=d.task, transforms=transforms)
+    # As the original: images without annotations are left out; unreadable ones are skipped and reported.
+    dataset = build_dataset(d.format, d.root, d.train_split, task=d.task, transforms=transforms, skip_bad=True,
+                            filter_empty=True)
     check_num_classes(dataset, cfg)
     sampler = TrainSampler(dataset_size=len(dataset), global_batch=cfg.train.batch_size, rank=rank,
                            world_size=world_size, seed=cfg.train.seed, start_iter=start_iter)
