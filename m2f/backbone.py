@@ -4,11 +4,14 @@ No weights are downloaded: `weights` is a local file (a timm/torchvision state d
 checkpoint's backbone) or None for random initialisation.
 """
 
+import types
 from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 from timm.layers import freeze_batch_norm_2d
+from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
 from torch import Tensor, nn
 
 FEATURE_NAMES = ("res2", "res3", "res4", "res5")
@@ -33,12 +36,17 @@ class Backbone(nn.Module):
         self.is_swin = name.startswith("swin")
         kwargs: dict = {"features_only": True, "out_indices": (0, 1, 2, 3) if self.is_swin else (1, 2, 3, 4)}
         if self.is_swin:
-            # Any input size (padded to a multiple of 32); windows are padded inside timm's blocks.
-            kwargs.update(dynamic_img_size=True, drop_path_rate=drop_path_rate)
+            # Any input size; shifted windows in every stage whatever the map size (timm would fix the
+            # shift for its 224/384 px pretraining size and never shift the last stage).
+            kwargs.update(dynamic_img_size=True, always_partition=True, drop_path_rate=drop_path_rate)
         try:
             self.body = timm.create_model(name, pretrained=False, **kwargs)
         except RuntimeError as err:
             raise ValueError(f"timm cannot build backbone {name!r} with features_only: {err}") from err
+        if self.is_swin:
+            for block in self.body.modules():
+                if isinstance(block, SwinTransformerBlock):
+                    block._attn = types.MethodType(_pad_then_shift_window_attention, block)
         if weights is not None:
             self._load(Path(weights))
         if freeze_bn:
@@ -67,3 +75,28 @@ class Backbone(nn.Module):
         if self.out_norms is not None:  # timm's Swin returns NHWC
             feats = [norm(f).permute(0, 3, 1, 2).contiguous() for norm, f in zip(self.out_norms, feats)]
         return dict(zip(FEATURE_NAMES, feats))
+
+
+def _pad_then_shift_window_attention(block: SwinTransformerBlock, x: Tensor) -> Tensor:
+    """Window attention of a Swin block in the original's order: pad to whole windows, then shift.
+
+    timm 1.0 shifts first and pads after, which puts the padding inside the image and lets windows wrap
+    across its border; the original (and transformers) pad first. Replaces timm's private `_attn`, so
+    tests/test_fidelity.py (Swin-T against transformers) guards against timm changing it.
+
+    Args:
+        x: (B, H, W, C) tokens of one stage.
+    """
+    height, width, channels = x.shape[1:]
+    wh, ww = block.window_size
+    x = F.pad(x, (0, 0, 0, (ww - width % ww) % ww, 0, (wh - height % wh) % wh))
+    padded_h, padded_w = x.shape[1:3]
+    shifted = any(block.shift_size)
+    if shifted:
+        x = torch.roll(x, shifts=(-block.shift_size[0], -block.shift_size[1]), dims=(1, 2))
+    windows = window_partition(x, block.window_size).view(-1, block.window_area, channels)
+    windows = block.attn(windows, mask=block.get_attn_mask(x) if shifted else None)
+    x = window_reverse(windows.view(-1, wh, ww, channels), block.window_size, padded_h, padded_w)
+    if shifted:
+        x = torch.roll(x, shifts=block.shift_size, dims=(1, 2))
+    return x[:, :height, :width].contiguous()

@@ -72,6 +72,12 @@ def cmd_eval_files(args: argparse.Namespace) -> None:
     print(text)
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    from m2f.convert import convert_file
+
+    print(f"wrote {convert_file(args.src, args.out, preset=args.preset)}")
+
+
 def cmd_doctor(args: argparse.Namespace) -> None:
     from m2f.ops.doctor import doctor, format_doctor
 
@@ -139,6 +145,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pred-folder")
     p.add_argument("--out")
     p.set_defaults(fn=cmd_eval_files)
+
+    p = sub.add_parser("convert", help="convert original (detectron2 .pkl) or transformers weights to m2f")
+    p.add_argument("src", help="model_final_*.pkl, a transformers model directory, or a .safetensors file")
+    p.add_argument("--out", required=True, help="m2f checkpoint to write")
+    p.add_argument("--preset", help="m2f preset of the source (default: inferred from the weights)")
+    p.set_defaults(fn=cmd_convert)
 
     p = sub.add_parser("doctor", help="what this machine can run (kernels, compilers, CUDA)")
     p.set_defaults(fn=cmd_doctor)

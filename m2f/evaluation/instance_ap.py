@@ -73,6 +73,11 @@ def run_cocoeval(gt: COCO, results: Sequence[Mapping[str, Any]], *, image_ids: S
         evaluator = (BoundaryCOCOeval(gt, dt, dilation_ratio=dilation_ratio) if boundary
                      else COCOeval(gt, dt, iouType="segm"))
         evaluator.params.imgIds = sorted(image_ids)
+        # Datasets of small images (the synthetic set) rescale COCO's 32^2 / 96^2 size limits and record
+        # them, so that AP_S / AP_M / AP_L mean small / medium / large relative to the image.
+        ranges = gt.dataset.get("info", {}).get("area_ranges")
+        if ranges:
+            evaluator.params.areaRng = [list(ranges[k]) for k in ("all", "small", "medium", "large")]
         evaluator.params.useCats = int(use_cats)
         evaluator.params.maxDets = sorted(max_dets)
         evaluator.evaluate()
