@@ -85,9 +85,9 @@ def cmd_doctor(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from m2f.demo import main_job
+    from m2f.demo import DEMO_ITERS, main_job
 
-    main_job(out=Path(args.out), iters=args.iters)
+    main_job(out=Path(args.out), iters=args.iters or DEMO_ITERS)
 
 
 def cmd_dashboard(args: argparse.Namespace) -> None:
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
 
     p = sub.add_parser("demo", help="the main job: synthetic data, tiny-scale reproduction, where results are")
     p.add_argument("--out", default="out", help="output folder")
-    p.add_argument("--iters", type=int, default=None, help="training iterations per run (default: the tiny preset's)")
+    p.add_argument("--iters", type=int, default=None, help="training iterations per run (default 500)")
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("dashboard", help="serve the Panel dashboards (attention, proposals, per-layer metrics)")
