@@ -2,7 +2,6 @@
 F.binary_cross_entropy_with_logits, F.cross_entropy), hand formulas, and the full-mask loss that the
 uniform point loss estimates."""
 
-import time
 
 import pytest
 import torch
@@ -258,7 +257,6 @@ def test_wrong_number_of_classes_is_a_clear_error():
 def test_overfitting_free_parameters_drives_the_loss_down():
     """A (1, Q, K+1) logits tensor and (1, Q, 16, 16) mask logits, fitted to 3 ground-truth masks."""
     torch.manual_seed(0)
-    start = time.perf_counter()
     masks = _blob_masks(64)
     targets = [{"labels": torch.tensor([0, 2, 1]), "masks": masks}]
     logits = (0.1 * torch.randn(1, 8, 4)).requires_grad_()
@@ -280,7 +278,6 @@ def test_overfitting_free_parameters_drives_the_loss_down():
     gt = masks[tgt_idx]
     iou = (binary & gt).flatten(1).sum(1) / (binary | gt).flatten(1).sum(1)
     assert (iou > 0.9).all(), iou
-    assert time.perf_counter() - start < 20
 
 
 def test_bf16_outputs_are_computed_in_fp32():
