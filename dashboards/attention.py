@@ -1,0 +1,184 @@
+"""Attention explorer: what one query attends to in each decoder layer (masked vs standard cross-attention).
+
+For a query, layer, head (or the mean over heads) and feature level it shows the image, the
+query's predicted mask after that layer, the binary attention mask that limited the layer's
+cross-attention (the thresholded prediction before it), and the attention map over the image, all on
+linked axes. A second run (e.g. the same data with standard cross-attention) is shown as a second
+row. Below: the fraction of the query's attention inside its predicted mask and inside the
+ground-truth segment it is matched to (foreground attention mass, paper Fig. I b).
+
+    panel serve dashboards/attention.py --args RUN_DIR [CROSS_ATTENTION_RUN_DIR]
+"""
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import holoviews as hv
+import numpy as np
+import panel as pn
+import param
+
+if __package__ in (None, ""):
+    # `panel serve dashboards/<file>.py` runs this file as a script: make the repository importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dashboards.common import (
+    NO_RUN,
+    ImagePicker,
+    alert,
+    extensions,
+    frame,
+    guarded,
+    run_label,
+    runs_from_args,
+)
+from m2f import viz
+
+PLOT = {"xaxis": None, "yaxis": None, "toolbar": None}
+
+
+class AttentionExplorer(param.Parameterized):
+    """The attention explorer's state (widgets) and rendering; usable without a server.
+
+    Args:
+        runs: run directories (or checkpoint files) to choose from.
+    """
+
+    run = param.Selector(objects=[], label="Run")
+    compare_run = param.Selector(objects=[NO_RUN], default=NO_RUN, label="Compare with run")
+    query = param.Integer(default=0, bounds=(0, None), label="Query")
+    layer = param.Integer(default=0, bounds=(0, None), label="Decoder layer")
+    head = param.Selector(objects=["mean"], default="mean", label="Head")
+    level = param.Integer(default=0, bounds=(0, 2), label="Level (for layers attending several)")
+    picker = param.ClassSelector(class_=ImagePicker)
+
+    def __init__(self, *, runs: list[str], **params: Any):
+        super().__init__(picker=ImagePicker(), **params)
+        self.param.run.objects = list(runs)
+        self.param.compare_run.objects = [NO_RUN, *runs]
+        if runs and self.run is None:
+            self.run = runs[0]
+        if len(runs) > 1 and self.compare_run == NO_RUN:
+            self.compare_run = runs[1]  # e.g. `m2f dashboard MASKED_RUN CROSS_RUN` compares them at once
+        self._sync_limits()
+
+    @param.depends("run", watch=True)
+    def _sync_limits(self) -> None:
+        """Query, layer and head ranges follow the run's config (when it loads)."""
+        try:
+            _, cfg = viz.load_run_cached(self.run)
+        except Exception:  # the view shows the error; the widgets keep their ranges
+            return
+        m = cfg.model
+        self.param.query.bounds = (0, m.num_queries - 1)
+        self.param.layer.bounds = (0, m.dec_layers - 1)
+        heads = 1 if m.attention == "mask_pooling" else m.nheads
+        self.param.head.objects = ["mean", *map(str, range(heads))]
+        self.query, self.layer = min(self.query, m.num_queries - 1), min(self.layer, m.dec_layers - 1)
+        if self.head not in self.param.head.objects:
+            self.head = "mean"
+
+    def _head(self) -> int | None:
+        return None if self.head == "mean" else int(self.head)
+
+    def row(self, run: str, image: viz.ImageRef) -> tuple[list[hv.Element], dict[str, Any]]:
+        """One run's four plots and its attention-mass numbers for the current selection.
+
+        Returns:
+            (plots, info) with info {"run", "attention", "foreground_pred", "foreground_gt", "gt"}.
+        """
+        _, cfg = viz.load_run_cached(run)
+        cap = viz.forward(run, image)
+        if self.query >= cap.num_queries or self.layer >= cap.num_layers:
+            raise IndexError(f"{run_label(run)} has {cap.num_queries} queries and {cap.num_layers} layers; "
+                             f"query {self.query} / layer {self.layer} do not exist there")
+        head = self._head()
+        if head is not None and head >= cap.num_heads:
+            raise IndexError(f"{run_label(run)} has {cap.num_heads} attention head(s); head {head} does not exist")
+        level_pos = min(self.level, len(cap.levels[self.layer]) - 1)
+        level_name = viz.LEVEL_NAMES[cap.levels[self.layer][level_pos]]
+        name = f"{run_label(run)} ({cfg.model.attention})"
+        labels, scores = cap.classes(self.layer + 1)
+        color = viz.palette(cap.num_queries)[self.query]
+        opts = {**PLOT, **frame(*image.image.shape[:2], size=230)}
+
+        picture = hv.RGB(image.image, bounds=cap.image_bounds, label="image").opts(title=name, **opts)
+        after = cap.mask(self.layer + 1, self.query)
+        mask_rgb = viz.overlay(viz.resize_rgb(image.image, after.shape), after > 0.5, color)
+        predicted = hv.RGB(mask_rgb, bounds=cap.bounds(viz.MASK_STRIDE), group="Predicted", label="mask").opts(
+            title=f"q{self.query} after layer {self.layer}: class {labels[self.query]} ({scores[self.query]:.2f})",
+            **opts)
+        gate, gate_bounds = cap.attention_mask(self.layer, self.query, level_pos)
+        if gate is None:
+            gate_plot = hv.RGB(image.image, bounds=cap.image_bounds, group="AttentionMask", label="none").opts(
+                title="no attention mask (cross-attention)", **opts)
+        else:
+            gate_plot = hv.Image(gate.astype(np.float32), bounds=gate_bounds, group="AttentionMask",
+                                 label="mask").opts(cmap="gray", clim=(0, 1), title=f"attention mask at {level_name}",
+                                                    **opts)
+        attn, attn_bounds = cap.attention(self.layer, self.query, head, level_pos)
+        heat = hv.Image(attn, bounds=attn_bounds, group="Attention", label="map").opts(
+            cmap="inferno", alpha=0.65, tools=["hover"])
+        attention = (hv.RGB(image.image, bounds=cap.image_bounds) * heat).opts(
+            title=f"attention, head {self.head}, {level_name}", **opts)
+
+        region = cap.predicted_region(self.layer + 1, self.query)
+        info: dict[str, Any] = {"run": name, "attention": cfg.model.attention, "foreground_gt": None, "gt": None,
+                                # An empty predicted mask has no inside: no fraction rather than 0 %.
+                                "foreground_pred": cap.attention_mass(self.layer, self.query, head, region)
+                                if region.any() else None}
+        if image.gt_masks is not None:
+            matched = cap.match_ground_truth(image.gt_masks).get(self.query)
+            if matched is not None:
+                info["gt"] = f"segment {matched} (class {int(image.gt_labels[matched])})"
+                info["foreground_gt"] = cap.attention_mass(self.layer, self.query, head,
+                                                           cap.pad(image.gt_masks[matched]))
+        return [picture, predicted, gate_plot, attention], info
+
+    def figure(self) -> tuple[hv.Layout, list[dict[str, Any]], list[str]]:
+        """The plots of the selected run (and the comparison run), their mass numbers and notes."""
+        if self.run is None:
+            raise ValueError("no run given: start with `m2f dashboard RUN_DIR` (or pass runs=[...])")
+        image, notes = self.picker.image(self.run)
+        plots, infos = [], []
+        for run in [self.run] + ([self.compare_run] if self.compare_run not in (NO_RUN, self.run) else []):
+            row, info = self.row(run, image)
+            plots += row
+            infos.append(info)
+        return hv.Layout(plots).cols(4).opts(shared_axes=True), infos, notes
+
+    @staticmethod
+    def mass_table(infos: list[dict[str, Any]]) -> str:
+        """Markdown table of the foreground / background attention mass of each shown run."""
+        def pct(v: float | None) -> str:
+            return "–" if v is None else f"{100 * v:.1f}% / {100 * (1 - v):.1f}%"
+
+        lines = ["| run | inside predicted mask (fg / bg) | inside matched ground truth (fg / bg) |",
+                 "|---|---|---|"]
+        lines += [f"| {i['run']} | {pct(i['foreground_pred'])} | {pct(i['foreground_gt'])}"
+                  f"{'' if i['gt'] is None else ' ' + i['gt']} |" for i in infos]
+        return "\n".join(lines)
+
+    @param.depends("run", "compare_run", "query", "layer", "head", "level", "picker.source",
+                   "picker.image_index")
+    def view(self) -> pn.viewable.Viewable:
+        def render() -> pn.Column:
+            layout, infos, notes = self.figure()
+            return pn.Column(*[alert(n, kind="info") for n in notes], pn.pane.HoloViews(layout, linked_axes=True),
+                             pn.pane.Markdown(self.mass_table(infos)))
+        return guarded(render)
+
+    def panel(self) -> pn.Row:
+        controls = pn.Column(
+            pn.widgets.Select.from_param(self.param.run), pn.widgets.Select.from_param(self.param.compare_run),
+            self.picker.widgets(), pn.widgets.IntSlider.from_param(self.param.query),
+            pn.widgets.IntSlider.from_param(self.param.layer), pn.widgets.Select.from_param(self.param.head),
+            pn.widgets.IntSlider.from_param(self.param.level), width=300)
+        # Deferred: the page appears at once and the plots follow when the model has run.
+        return pn.Row(controls, pn.panel(self.view, defer_load=True))
+
+
+if pn.state.served:
+    extensions()
+    AttentionExplorer(runs=runs_from_args()).panel().servable(title="m2f attention explorer")

@@ -1,0 +1,105 @@
+"""Pieces every dashboard shares: the list of runs, the image picker, and turning errors into Alerts.
+
+Runs come from `panel serve dashboards/app.py --args RUN_DIR ...` (sys.argv) or the `M2F_RUNS`
+environment variable (paths separated by os.pathsep), or are given to the classes directly.
+"""
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import holoviews as hv
+import numpy as np
+import panel as pn
+import param
+
+from m2f import viz
+
+NO_RUN = "(none)"
+
+
+def extensions(*, inline: bool = False) -> None:
+    """Loads Panel's and HoloViews' bokeh JavaScript once. `inline=True` embeds it in the page, which
+    notebooks without internet need (the default loads it from a CDN); `panel serve` serves it itself."""
+    hv.extension("bokeh", inline=inline)
+    pn.extension(inline=inline)
+
+
+def runs_from_args(argv: list[str] | None = None) -> list[str]:
+    """Run directories from the command line (`--args`), else from $M2F_RUNS."""
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if a.strip()]
+    if not args:
+        args = [p for p in os.environ.get("M2F_RUNS", "").split(os.pathsep) if p.strip()]
+    return [str(Path(a).expanduser()) for a in args]
+
+
+def run_label(path: str) -> str:
+    """A short name for a run in selectors and legends: its directory name (and parent)."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
+
+
+def alert(err: BaseException | str, *, kind: str = "danger") -> pn.pane.Alert:
+    """A message box in the page (never a blank page or a server traceback)."""
+    text = err if isinstance(err, str) else f"**{type(err).__name__}**: {err}"
+    return pn.pane.Alert(text, alert_type=kind, sizing_mode="stretch_width")
+
+
+def frame(height: int, width: int, *, size: int) -> dict[str, int]:
+    """Plot frame options that keep an image's aspect, the longer side `size` pixels (at least 40 each)."""
+    scale = size / max(height, width)
+    return {"frame_width": max(round(width * scale), 40), "frame_height": max(round(height * scale), 40)}
+
+
+def guarded(render: Callable[[], Any]) -> Any:
+    """Calls a view's render function; any error becomes an Alert with its message. Catching
+    everything is deliberate here: this is the UI boundary, where a traceback would blank the page."""
+    try:
+        return render()
+    except Exception as err:  # see docstring
+        return alert(err)
+
+
+class ImagePicker(param.Parameterized):
+    """Chooses the image the dashboards run the model on: a validation image of the run's dataset,
+    or an uploaded file (PNG/JPEG; grayscale and odd sizes are converted, with a note)."""
+
+    source = param.Selector(objects=["dataset", "upload"], default="dataset", label="Image source")
+    image_index = param.Integer(default=0, bounds=(0, None), label="Validation image")
+
+    def __init__(self, **params: Any):
+        super().__init__(**params)
+        self.upload = pn.widgets.FileInput(accept=".png,.jpg,.jpeg,.bmp,.tif,.tiff,.webp", multiple=False)
+        self.upload.param.watch(self._on_upload, "value")
+        self._uploaded: tuple[np.ndarray, list[str], str] | None = None
+
+    def _on_upload(self, event: Any) -> None:
+        self.source = "upload"
+        self.param.trigger("source")
+
+    def set_upload(self, data: bytes, name: str = "upload") -> None:
+        """Uses uploaded image bytes (what the FileInput widget does; also for tests and notebooks)."""
+        self.upload.filename = name
+        self.upload.value = data
+
+    def image(self, run: str) -> tuple[viz.ImageRef, list[str]]:
+        """The chosen image at `run`'s test size, and notes about conversions.
+
+        Raises:
+            ValueError / FileNotFoundError: an unreadable upload, no upload yet, or no dataset.
+        """
+        if self.source == "upload":
+            if not self.upload.value:
+                raise ValueError("no image uploaded yet: choose a file with the upload button")
+            name = self.upload.filename or "upload"
+            array, notes = viz.decode_image(self.upload.value, name=name)
+            _, cfg = viz.load_run_cached(run)
+            resized, more = viz.resize_for_run(array, cfg, name=name)
+            return viz.ImageRef.from_array(resized, name=name), notes + more
+        return viz.dataset_image(run, self.image_index), []
+
+    def widgets(self) -> pn.Column:
+        return pn.Column(pn.widgets.RadioButtonGroup.from_param(self.param.source),
+                         pn.widgets.IntInput.from_param(self.param.image_index), self.upload)

@@ -1,0 +1,161 @@
+"""Per-layer metrics and training curves of one or several runs (e.g. masked vs cross-attention).
+
+PQ / AP / mIoU / AR@100 of every prediction set (set 0 from the learnable queries, set i after decoder
+layer i; paper Fig. II) from RUN/proposals_eval.json or an `m2f eval --layers all` file, the per-class
+PQ of one prediction set, and the training loss and validation metrics from RUN/metrics.jsonl. A run
+still training (metrics.jsonl only) shows its curves and a note that there is no layer evaluation yet.
+
+    panel serve dashboards/layer_metrics.py --args RUN_DIR [RUN_DIR ...]
+"""
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import holoviews as hv
+import panel as pn
+import param
+
+if __package__ in (None, ""):
+    # `panel serve dashboards/<file>.py` runs this file as a script: make the repository importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dashboards.common import alert, extensions, guarded, run_label, runs_from_args
+from m2f import viz
+
+CURVE = {"width": 460, "height": 280, "tools": ["hover"], "show_grid": True, "legend_position": "bottom_right"}
+TRAIN_KEYS = ["loss", "loss_ce", "loss_mask", "loss_dice", "lr", "grad_norm", "images_per_s"]
+
+
+class LayerMetrics(param.Parameterized):
+    """The metrics view's state and rendering; usable without a server.
+
+    Args:
+        runs: run directories to compare.
+    """
+
+    runs = param.ListSelector(default=[], objects=[], label="Runs")
+    metric = param.Selector(objects=list(viz.LAYER_METRICS), default="PQ", label="Per-layer metric")
+    prediction = param.Integer(default=-1, bounds=(-1, None), label="Per-class: prediction set (-1 = final)")
+    train_key = param.Selector(objects=TRAIN_KEYS, default="loss", label="Training curve")
+
+    def __init__(self, *, runs: list[str], **params: Any):
+        super().__init__(**params)
+        self.param.runs.objects = list(runs)
+        if not self.runs:
+            self.runs = list(runs)
+
+    def _name(self, run: str) -> str:
+        try:
+            _, cfg = viz.load_run_cached(run)
+            return f"{run_label(run)} ({cfg.model.attention})"
+        except Exception:  # a run without a checkpoint is still named by its directory
+            return run_label(run)
+
+    def layers(self) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
+        """Per run its per-prediction-set metrics, and messages for runs that have none."""
+        found, notes = {}, []
+        for run in self.runs:
+            try:
+                layers = viz.read_layer_metrics(run)
+            except (OSError, ValueError) as err:
+                notes.append(f"{run_label(run)}: {err}")
+                continue
+            if layers is None:
+                notes.append(f"{run_label(run)}: no layer evaluation yet ({viz.LAYER_EVAL_FILE} or "
+                             f"`m2f eval RUN --layers all`)")
+            else:
+                found[run] = layers
+        return found, notes
+
+    def layer_plot(self) -> tuple[hv.Overlay | None, list[str]]:
+        """The chosen metric per prediction set, one curve per run."""
+        found, notes = self.layers()
+        curves = []
+        for run, layers in found.items():
+            values = viz.layer_curves(layers).get(self.metric)
+            if values is None:
+                notes.append(f"{run_label(run)}: its layer evaluation has no {self.metric}")
+                continue
+            points = list(enumerate(values))
+            curves += [hv.Curve(points, "prediction set", self.metric, label=self._name(run)),
+                       hv.Scatter(points, "prediction set", self.metric, label=self._name(run)).opts(size=5)]
+        if not curves:
+            return None, notes
+        return hv.Overlay(curves).opts(title=f"{self.metric} per prediction set (0 = learnable queries)",
+                                       **CURVE), notes
+
+    def class_plot(self) -> tuple[hv.Bars | None, list[str]]:
+        """Per-class PQ of one prediction set for every run that has it."""
+        found, notes = self.layers()
+        rows = []
+        for run, layers in found.items():
+            if not -len(layers) <= self.prediction < len(layers):
+                notes.append(f"{run_label(run)}: prediction set {self.prediction} is outside 0..{len(layers) - 1}")
+                continue
+            per_class = layers[self.prediction].get("panoptic", {}).get("per_class", {})
+            rows += [(str(cid), self._name(run), 100 * v["pq"]) for cid, v in per_class.items()]
+        if not rows:
+            return None, notes
+        bars = hv.Bars(rows, ["category id", "run"], "PQ").opts(
+            title=f"per-class PQ, prediction set {self.prediction}", width=940, height=280, tools=["hover"],
+            xrotation=0, multi_level=False, legend_position="right")
+        return bars, notes
+
+    def train_plots(self) -> tuple[list[hv.Overlay], list[str]]:
+        """The training curve of `train_key` and the validation PQ/AP/mIoU over iterations."""
+        train_curves, val_curves, notes = [], [], []
+        for run in self.runs:
+            try:
+                train, val = viz.read_metrics(run)
+            except (OSError, ValueError) as err:
+                notes.append(f"{run_label(run)}: {err}")
+                continue
+            name = self._name(run)
+            points = [(r["iteration"], r[self.train_key]) for r in train if self.train_key in r]
+            if points:
+                train_curves.append(hv.Curve(points, "iteration", self.train_key, label=name))
+            for key in sorted({k for r in val for k in r if k.endswith(("/PQ", "/AP", "/mIoU"))}):
+                val_curves.append(hv.Curve([(r["iteration"], 100 * r[key]) for r in val if key in r],
+                                           "iteration", "validation metric", label=f"{name} {key}"))
+            if not val:
+                notes.append(f"{run_label(run)}: no validation records yet in metrics.jsonl")
+        plots = []
+        if train_curves:
+            plots.append(hv.Overlay(train_curves).opts(title=f"training {self.train_key}", **CURVE))
+        if val_curves:
+            plots.append(hv.Overlay([c.opts(tools=["hover"]) for c in val_curves]).opts(
+                title="validation metrics", **CURVE))
+        return plots, notes
+
+    @param.depends("runs", "metric", "prediction")
+    def layer_view(self) -> pn.viewable.Viewable:
+        def render() -> pn.Column:
+            if not self.runs:
+                return alert("no run selected: start with `m2f dashboard RUN_DIR ...`", kind="warning")
+            layer, notes = self.layer_plot()
+            bars, more = self.class_plot()
+            items = [alert(n, kind="warning") for n in dict.fromkeys(notes + more)]
+            items += [pn.pane.HoloViews(p) for p in (layer, bars) if p is not None]
+            return pn.Column(*items)
+        return guarded(render)
+
+    @param.depends("runs", "train_key")
+    def train_view(self) -> pn.viewable.Viewable:
+        def render() -> pn.Column:
+            plots, notes = self.train_plots()
+            return pn.Column(*[alert(n, kind="warning") for n in notes],
+                             pn.Row(*[pn.pane.HoloViews(p) for p in plots]))
+        return guarded(render)
+
+    def panel(self) -> pn.Row:
+        controls = pn.Column(
+            pn.widgets.MultiSelect.from_param(self.param.runs, size=6),
+            pn.widgets.Select.from_param(self.param.metric), pn.widgets.IntInput.from_param(self.param.prediction),
+            pn.widgets.Select.from_param(self.param.train_key), width=300)
+        return pn.Row(controls, pn.Column(self.layer_view, self.train_view))
+
+
+if pn.state.served:
+    extensions()
+    LayerMetrics(runs=runs_from_args()).panel().servable(title="m2f per-layer metrics")

@@ -1,0 +1,174 @@
+"""Query proposals: every query's mask before the first decoder layer and after each layer.
+
+A grid shows all Q queries of one prediction set (set 0: from the learnable queries, set i: after
+decoder layer i) with class and score; clicking a tile (or the query widget) follows that query
+through all prediction sets. AR@100 per prediction set (class-agnostic proposal recall, paper Fig. 3)
+comes from RUN/proposals_eval.json, or is computed on a few validation images with the button.
+
+    panel serve dashboards/proposals.py --args RUN_DIR
+"""
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import holoviews as hv
+import numpy as np
+import panel as pn
+import param
+
+if __package__ in (None, ""):
+    # `panel serve dashboards/<file>.py` runs this file as a script: make the repository importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dashboards.common import ImagePicker, alert, extensions, frame, guarded, run_label, runs_from_args
+from m2f import viz
+
+
+class ProposalsExplorer(param.Parameterized):
+    """The proposals view's state and rendering; usable without a server.
+
+    Args:
+        runs: run directories (or checkpoint files) to choose from.
+    """
+
+    run = param.Selector(objects=[], label="Run")
+    prediction = param.Integer(default=0, bounds=(0, None), label="Prediction set (0 = before layer 1)")
+    query = param.Integer(default=0, bounds=(0, None), label="Followed query")
+    columns = param.Integer(default=10, bounds=(1, 40), label="Grid columns")
+    eval_images = param.Integer(default=8, bounds=(1, None), label="Images for AR@100")
+    picker = param.ClassSelector(class_=ImagePicker)
+    evaluated = param.Event(label="Compute AR@100 per layer")
+
+    def __init__(self, *, runs: list[str], **params: Any):
+        super().__init__(picker=ImagePicker(), **params)
+        self.param.run.objects = list(runs)
+        if runs and self.run is None:
+            self.run = runs[0]
+        self._eval_error: Exception | None = None
+        self._sync_limits()
+
+    @param.depends("run", watch=True)
+    def _sync_limits(self) -> None:
+        try:
+            _, cfg = viz.load_run_cached(self.run)
+        except Exception:  # the view shows the error; the widgets keep their ranges
+            return
+        self.param.prediction.bounds = (0, cfg.model.dec_layers)
+        self.param.query.bounds = (0, cfg.model.num_queries - 1)
+        self.prediction = min(self.prediction, cfg.model.dec_layers)
+        self.query = min(self.query, cfg.model.num_queries - 1)
+
+    def capture(self) -> viz.Capture:
+        if self.run is None:
+            raise ValueError("no run given: start with `m2f dashboard RUN_DIR` (or pass runs=[...])")
+        image, _ = self.picker.image(self.run)
+        return viz.forward(self.run, image)
+
+    @staticmethod
+    def _tiles(tiles: list[np.ndarray], titles: list[str], columns: int, group: str
+               ) -> tuple[hv.RGB, hv.Labels, list[tuple[int, int]], tuple[int, int]]:
+        """A mosaic of tiles with a title at each tile's top-left corner (plot coordinates = mosaic pixels)."""
+        grid, corners = viz.mosaic(tiles, columns=columns)
+        h, w = grid.shape[:2]
+        labels = hv.Labels([(left + 1, h - top - 1, t) for (top, left), t in zip(corners, titles)],
+                           kdims=["gx", "gy"]).opts(text_font_size="7pt", text_color="white",
+                                                    text_align="left", text_baseline="top")
+        rgb = hv.RGB(grid, bounds=(0, 0, w, h), kdims=["gx", "gy"], group=group)
+        return rgb, labels, corners, tiles[0].shape[:2]
+
+    def grid(self) -> tuple[hv.Overlay, hv.streams.Tap]:
+        """All queries' masks in the selected prediction set, with a Tap stream that selects a query."""
+        cap = self.capture()
+        if self.prediction > cap.num_layers:
+            raise IndexError(f"prediction set {self.prediction} is outside 0..{cap.num_layers}")
+        classes, scores = cap.classes(self.prediction)
+        titles = [f"q{q} c{c} {s:.2f}" for q, (c, s) in enumerate(zip(classes, scores))]
+        rgb, labels, corners, (th, tw) = self._tiles(viz.query_tiles(cap, prediction=self.prediction),
+                                                     titles, self.columns, "Proposals")
+        tap = hv.streams.Tap(source=rgb, transient=True)
+        height = rgb.data.shape[0]
+
+        def select(x: float | None, y: float | None) -> None:
+            if x is None or y is None:
+                return
+            for q, (top, left) in enumerate(corners):
+                if left <= x < left + tw and top <= height - y < top + th:
+                    self.query = q
+
+        tap.add_subscriber(lambda **kw: select(kw.get("x"), kw.get("y")))
+        where = "before layer 1" if self.prediction == 0 else f"after layer {self.prediction}"
+        return (rgb * labels).opts(title=f"{run_label(self.run)}: all queries {where} (click to follow)",
+                                   xaxis=None, yaxis=None, **frame(*rgb.data.shape[:2], size=900)), tap
+
+    def track(self) -> hv.Overlay:
+        """The followed query's mask in every prediction set."""
+        cap = self.capture()
+        titles = []
+        for p in range(cap.num_layers + 1):
+            classes, scores = cap.classes(p)
+            titles.append(f"{'init' if p == 0 else f'L{p}'} c{classes[self.query]} {scores[self.query]:.2f}")
+        rgb, labels, _, _ = self._tiles(viz.query_tiles(cap, query=self.query), titles,
+                                        cap.num_layers + 1, "Track")
+        return (rgb * labels).opts(title=f"query {self.query} through the layers", xaxis=None, yaxis=None,
+                                   **frame(*rgb.data.shape[:2], size=900))
+
+    @param.depends("evaluated", watch=True)
+    def _evaluate(self) -> None:
+        self._eval_error = None
+        try:
+            viz.evaluate_layers(self.run, max_images=self.eval_images)
+        except Exception as err:  # shown in the recall view
+            self._eval_error = err
+
+    def recall(self) -> hv.Curve:
+        """AR@100 per prediction set from the run's layer evaluation.
+
+        Raises:
+            FileNotFoundError: the run has no layer evaluation yet.
+        """
+        layers = viz.read_layer_metrics(self.run)
+        if layers is None:
+            raise FileNotFoundError(f"{run_label(self.run)} has no {viz.LAYER_EVAL_FILE} yet: press "
+                                    f"'Compute AR@100 per layer' (evaluates {self.eval_images} validation images)")
+        curves = viz.layer_curves(layers)
+        if "AR@100" not in curves:
+            raise ValueError("the layer evaluation has no proposal recall (it was run without proposals=True)")
+        return hv.Curve(list(enumerate(curves["AR@100"])), "prediction set", "AR@100").opts(
+            title="class-agnostic AR@100 per prediction set", width=420, height=260, tools=["hover"],
+            show_grid=True) * hv.Scatter(list(enumerate(curves["AR@100"])), "prediction set", "AR@100").opts(size=6)
+
+    @param.depends("run", "prediction", "columns", "picker.source", "picker.image_index")
+    def grid_view(self) -> pn.viewable.Viewable:
+        return guarded(lambda: pn.pane.HoloViews(self.grid()[0]))
+
+    @param.depends("run", "query", "picker.source", "picker.image_index")
+    def track_view(self) -> pn.viewable.Viewable:
+        return guarded(lambda: pn.pane.HoloViews(self.track()))
+
+    @param.depends("run", "evaluated")
+    def recall_view(self) -> pn.viewable.Viewable:
+        if self._eval_error is not None:
+            return alert(self._eval_error)
+
+        def render() -> pn.viewable.Viewable:
+            try:
+                return pn.pane.HoloViews(self.recall())
+            except FileNotFoundError as err:  # not evaluated yet: a hint, not an error
+                return alert(err, kind="warning")
+        return guarded(render)
+
+    def panel(self) -> pn.Row:
+        controls = pn.Column(
+            pn.widgets.Select.from_param(self.param.run), self.picker.widgets(),
+            pn.widgets.IntSlider.from_param(self.param.prediction), pn.widgets.IntSlider.from_param(self.param.query),
+            pn.widgets.IntInput.from_param(self.param.columns), pn.widgets.IntInput.from_param(self.param.eval_images),
+            pn.widgets.Button.from_param(self.param.evaluated, color="primary"), width=300)
+        # Deferred: the page appears at once and the plots follow when the model has run.
+        return pn.Row(controls, pn.Column(*(pn.panel(v, defer_load=True)
+                                            for v in (self.grid_view, self.track_view, self.recall_view))))
+
+
+if pn.state.served:
+    extensions()
+    ProposalsExplorer(runs=runs_from_args()).panel().servable(title="m2f query proposals")

@@ -1,0 +1,246 @@
+"""The dashboards without a browser: view classes on two runs trained for a few steps (masked and
+cross-attention), what they render (HoloViews data, Bokeh models) and their messages for bad input."""
+
+import io
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import holoviews as hv
+import numpy as np
+import panel as pn
+import pytest
+import torch
+from bokeh.models import GlyphRenderer
+from bokeh.models import Image as ImageGlyph
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds dashboards/
+
+from fixtures_run import ITERATIONS, make_runs
+
+from dashboards.app import build_app
+from dashboards.attention import AttentionExplorer
+from dashboards.layer_metrics import LayerMetrics
+from dashboards.proposals import ProposalsExplorer
+from m2f import viz
+from m2f.checkpoint import load, save_atomic
+
+hv.extension("bokeh")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return make_runs(tmp_path_factory.mktemp("dashboard_runs"))
+
+
+@pytest.fixture
+def explorer(runs):
+    return AttentionExplorer(runs=[str(runs["masked"]), str(runs["cross"])])
+
+
+def element(layout, group, row=0):
+    """The `row`-th HoloViews element of `group` (e.g. "Attention") in a layout, overlays included."""
+    found = [e for e in layout.traverse(lambda x: x, [hv.Image, hv.RGB]) if e.group == group]
+    return found[row]
+
+
+def alerts(view):
+    return [a.object for a in view.select(pn.pane.Alert)]
+
+
+def png_bytes(array):
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_changing_query_layer_and_head_changes_the_attention_map(explorer):
+    layout, _, _ = explorer.figure()
+    base = element(layout, "Attention").data.copy()
+    explorer.query = 1
+    by_query = element(explorer.figure()[0], "Attention").data.copy()
+    explorer.layer = 2  # round robin: layer 2 attends the 1/8 level, layer 0 the 1/32 level
+    by_layer = element(explorer.figure()[0], "Attention").data.copy()
+    explorer.head = "0"
+    by_head = element(explorer.figure()[0], "Attention").data.copy()
+    assert not np.allclose(base, by_query)
+    assert by_layer.shape[0] > by_query.shape[0]  # a finer level has more rows
+    assert not np.allclose(by_layer, by_head)
+    # The mean over heads is what "mean" shows (hand-computed from the captured weights).
+    cap = viz.forward(explorer.run, explorer.picker.image(explorer.run)[0])
+    heads = [cap.attention(2, 1, h)[0] for h in range(cap.num_heads)]
+    np.testing.assert_allclose(np.mean(heads, 0), by_layer, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(heads[0], by_head)
+
+
+def test_masked_attention_is_zero_outside_its_attention_mask(runs):
+    explorer = AttentionExplorer(runs=[str(runs["init"])])
+    explorer.layer = 1
+    checked = 0
+    for query in range(8):
+        explorer.query = query
+        layout, _, _ = explorer.figure()
+        gate = element(layout, "AttentionMask").data.astype(bool)
+        attn = element(layout, "Attention").data
+        assert gate.shape == attn.shape
+        if not gate.all():  # a query whose mask covers nothing attends everywhere instead
+            assert np.all(attn[~gate] == 0) and attn[gate].sum() > 0
+            checked += 1
+    assert checked > 0
+
+
+def test_attention_mass_is_the_fraction_of_weights_inside_the_region(explorer):
+    cap = viz.forward(explorer.run, explorer.picker.image(explorer.run)[0])
+    region = np.zeros(cap.padded_size, bool)
+    region[: cap.padded_size[0] // 2] = True  # the top half; at 1/32 whole rows of cells
+    h, w = cap.level_shapes[0][0]
+    weights = cap.weights(0, 3, None).reshape(h, w)
+    expected = weights[: h // 2].sum() / weights.sum()
+    assert cap.attention_mass(0, 3, None, region) == pytest.approx(expected, rel=1e-5)
+
+
+def test_compare_run_adds_a_cross_attention_row_without_attention_mask(explorer, runs):
+    explorer.compare_run = str(runs["cross"])
+    layout, infos, _ = explorer.figure()
+    assert [i["attention"] for i in infos] == ["masked", "cross"]
+    assert len(layout) == 8
+    assert element(layout, "AttentionMask", 1).label == "none"  # cross-attention has no mask
+    table = explorer.mass_table(infos)
+    assert "inside predicted mask" in table and table.count("\n") == 3
+
+
+def test_the_page_model_changes_when_the_query_changes(runs):
+    explorer = AttentionExplorer(runs=[str(runs["masked"])])
+    root = explorer.panel().get_root()
+
+    def attention_images():
+        return [r.data_source.data["image"][0].copy() for r in root.select({"type": GlyphRenderer})
+                if isinstance(r.glyph, ImageGlyph) and r.glyph.color_mapper.palette[-1] != "#ffffff"]
+
+    before = attention_images()
+    explorer.query = 4
+    after = attention_images()
+    assert before and len(before) == len(after)
+    assert any(not np.allclose(a, b) for a, b in zip(before, after))
+
+
+def test_proposals_grid_track_and_click(runs):
+    view = ProposalsExplorer(runs=[str(runs["init"])])  # non-empty masks that change between layers
+    grid, tap = view.grid()
+    first = grid.get(0).data.copy()
+    q = view.capture().num_queries
+    labels = grid.get(1).data
+    assert len(labels) == q  # one title per query
+    view.prediction = 5
+    assert not np.array_equal(view.grid()[0].get(0).data, first)
+    track = view.track()
+    assert len(track.get(1).data) == view.capture().num_layers + 1
+    # Clicking the third tile of the first row follows query 2.
+    _, tile_w = view.capture().valid_cells(viz.MASK_STRIDE)
+    grid, tap = view.grid()
+    height = grid.get(0).data.shape[0]
+    tap.event(x=2 * (tile_w + 2) + 1, y=height - 1)
+    assert view.query == 2
+
+
+def test_proposals_recall_per_layer_comes_from_the_evaluation_file(runs):
+    view = ProposalsExplorer(runs=[str(runs["masked"])])
+    curve = view.recall().get(0)
+    stored = json.loads((runs["masked"] / viz.LAYER_EVAL_FILE).read_text())["metrics"]["layers"]
+    expected = [100 * s["proposals"]["AR@100"] for s in stored]
+    assert len(expected) == 10
+    np.testing.assert_allclose(curve.dimension_values(1), expected)
+
+
+def test_layer_metrics_curves_classes_and_training(runs):
+    view = LayerMetrics(runs=[str(runs["masked"]), str(runs["cross"])])
+    overlay, notes = view.layer_plot()
+    curves = [e for e in overlay if isinstance(e, hv.Curve)]
+    assert not notes and len(curves) == 2 and all(len(c) == 10 for c in curves)
+    stored = json.loads((runs["cross"] / viz.LAYER_EVAL_FILE).read_text())["metrics"]["layers"]
+    np.testing.assert_allclose(curves[1].dimension_values(1), [100 * s["panoptic"]["PQ"] for s in stored])
+    bars, _ = view.class_plot()
+    assert len(bars) == 2 * len(stored[-1]["panoptic"]["per_class"])
+    plots, _ = view.train_plots()
+    train_curve = plots[0].get(0)
+    assert list(train_curve.dimension_values(0)) == list(range(2, ITERATIONS + 1, 2))
+
+
+def test_missing_run_gives_an_alert(tmp_path):
+    missing = str(tmp_path / "no_such_run")
+    for view in (AttentionExplorer(runs=[missing]).view(), ProposalsExplorer(runs=[missing]).grid_view()):
+        assert any("does not exist" in a for a in alerts(view))
+    assert any("does not exist" in a for a in alerts(LayerMetrics(runs=[missing]).train_view()))
+
+
+def test_checkpoint_of_another_config_gives_an_alert(runs, tmp_path):
+    state = load(runs["masked"] / "checkpoint.pth")
+    state["config"]["model"]["num_queries"] = 16  # the weights have 8 queries
+    (tmp_path / "other").mkdir()
+    save_atomic(state, tmp_path / "other" / "checkpoint.pth")
+    messages = alerts(AttentionExplorer(runs=[str(tmp_path / "other")]).view())
+    assert any("does not match the model of its config" in m for m in messages)
+
+
+def test_run_still_training_shows_curves_and_explains_the_missing_checkpoint(runs, tmp_path):
+    run = tmp_path / "training"
+    run.mkdir()
+    lines = (runs["masked"] / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text(lines + '{"split": "train", "itera')  # a line being written
+    assert any("no checkpoint.pth yet" in m for m in alerts(AttentionExplorer(runs=[str(run)]).view()))
+    metrics = LayerMetrics(runs=[str(run)])
+    plots, _ = metrics.train_plots()
+    assert len(plots[0].get(0)) == ITERATIONS // 2
+    assert any("no layer evaluation yet" in m for m in alerts(metrics.layer_view()))
+
+
+def test_unusual_uploads_render_with_a_note_or_give_an_alert(explorer):
+    rng = np.random.default_rng(0)
+    explorer.picker.set_upload(png_bytes(rng.integers(0, 255, (37, 300, 3), dtype=np.uint8)), "wide.png")
+    view = explorer.view()
+    assert any("unusual size 37x300" in m for m in alerts(view))
+    assert element(view.select(pn.pane.HoloViews)[0].object, "Attention").data.size > 0
+    explorer.picker.set_upload(png_bytes(rng.integers(0, 255, (50, 60), dtype=np.uint8)), "gray.png")
+    assert any("grayscale" in m for m in alerts(explorer.view()))
+    explorer.picker.set_upload(b"not an image", "notes.txt")
+    assert any("not an image file" in m for m in alerts(explorer.view()))
+
+
+def test_cross_attention_run_query_out_of_range_gives_an_alert(explorer, runs):
+    explorer.compare_run = str(runs["cross"])
+    explorer.param.query.bounds = (0, 100)
+    explorer.query = 50
+    assert any("query 50" in m for m in alerts(explorer.view()))
+
+
+def test_app_has_three_tabs_and_renders(runs):
+    app = build_app([str(runs["masked"]), str(runs["cross"])])
+    tabs = app.select(pn.Tabs)[0]
+    assert list(tabs._names) == ["Attention", "Proposals", "Per-layer metrics"]
+    root = app.get_root()
+    assert any(isinstance(r.glyph, ImageGlyph) for r in root.select({"type": GlyphRenderer}))
+    assert alerts(build_app([]))  # no runs: says how to start
+
+
+def test_viz_helpers():
+    rgb, notes = viz.as_rgb(np.zeros((4, 5), np.uint8))
+    assert rgb.shape == (4, 5, 3) and notes
+    with pytest.raises(ValueError, match="must be"):
+        viz.as_rgb(np.zeros((4, 5, 2)))
+    labels = np.array([[0, 1], [-1, 1]])
+    colours = viz.colorize(labels)
+    assert (colours[1, 0] == 0).all() and (colours[0, 1] == colours[1, 1]).all()
+    assert not (colours[0, 0] == colours[0, 1]).all()
+    grid, corners = viz.mosaic([np.zeros((3, 4, 3), np.uint8)] * 5, columns=2)
+    assert grid.shape == (3 * 3 + 2 * 2, 2 * 4 + 2, 3) and corners[3] == (5, 6)
+
+
+def test_runs_of_a_copied_checkpoint_file_work(runs, tmp_path):
+    ckpt = tmp_path / "copy.pth"
+    shutil.copy(runs["masked"] / "checkpoint.pth", ckpt)
+    explorer = AttentionExplorer(runs=[str(ckpt)])
+    cap_a = viz.forward(ckpt, explorer.picker.image(str(ckpt))[0])
+    cap_b = viz.forward(runs["masked"], explorer.picker.image(str(ckpt))[0])
+    assert torch.allclose(torch.from_numpy(cap_a.mask_probs), torch.from_numpy(cap_b.mask_probs))
