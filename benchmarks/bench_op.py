@@ -47,11 +47,11 @@ class Shape:
 
 SHAPES = {
     "cpu": [
-        Shape("tiny preset (B=8, 64x64 input)", 8, ((16, 16), (8, 8), (4, 4)), 4, 16, 4),
+        Shape("tiny preset (B=8, 128x128 input)", 8, ((16, 16), (8, 8), (4, 4)), 4, 16, 4),
         Shape("mid (B=2, 512x512 input)", 2, ((64, 64), (32, 32), (16, 16)), 8, 32, 4),
     ],
     "cuda": [
-        Shape("tiny preset (B=8, 64x64 input)", 8, ((16, 16), (8, 8), (4, 4)), 4, 16, 4),
+        Shape("tiny preset (B=8, 128x128 input)", 8, ((16, 16), (8, 8), (4, 4)), 4, 16, 4),
         Shape("mid (B=2, 512x512 input)", 2, ((64, 64), (32, 32), (16, 16)), 8, 32, 4),
         Shape("R50 COCO inference (B=1, 800x1344)", 1, ((100, 168), (50, 84), (25, 42)), 8, 32, 4),
         Shape("R50 LSJ training (B=2, 1024x1024)", 2, ((128, 128), (64, 64), (32, 32)), 8, 32, 4),
@@ -185,14 +185,24 @@ def markdown(report: dict) -> str:
         for shape in SHAPES[meta["device"]]:
             for mode in MODES:
                 ref, ker = rows[(shape.name, dtype, mode, "torch")], rows[(shape.name, dtype, mode, kernel)]
-                ratio = ref["peak_mb"] / ker["peak_mb"] if ker["peak_mb"] > 0 else float("inf")
+                # Below ~0.1 MB the RSS growth is noise: the allocator reuses pages the process already has.
+                ratio = f"{ref['peak_mb'] / ker['peak_mb']:.1f}x" if ker["peak_mb"] >= 0.1 else "n/a (< 0.1 MB)"
                 line = (f"| {shape.name} | {mode} | {ref['median_ms']:.2f} | {ker['median_ms']:.2f} | "
                         f"{ref['median_ms'] / ker['median_ms']:.1f}x | {ref['peak_mb']:.1f} | {ker['peak_mb']:.1f} | "
-                        f"{ratio:.1f}x |")
+                        f"{ratio} |")
                 if bandwidth:
                     line += f" {ker['unique_mb']:.1f} | {ker['bandwidth_gbs']:.0f} | {100 * ker['of_h200_peak']:.1f}% |"
                 lines.append(line)
         lines.append("")
+    lines += [
+        "Peak memory is what the op adds on top of its inputs: the reference materialises the sampled values "
+        "(B*M, D, Lq, L*P) several times (per-level grid_sample outputs, their stack, the weighted product) and keeps "
+        "one for backward; the kernels allocate only outputs and gradients. A kernel output smaller than the pages "
+        "the process already holds does not grow the peak RSS fully (or at all), so at the tiny shape the kernel's "
+        "peak is an underestimate and its memory ratio overstates the gain; the mid shape is the meaningful memory "
+        "comparison.",
+        "",
+    ]
     return "\n".join(lines)
 
 

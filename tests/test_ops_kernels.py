@@ -40,6 +40,22 @@ def random_inputs(
     return tuple(t.to(device) for t in (value, spatial_shapes, level_start_index, locations, weights))
 
 
+def random_grad_output(value: torch.Tensor, locations: torch.Tensor, seed: int = 1) -> torch.Tensor:
+    """A seeded (B, Lq, M*D) upstream gradient on the device and in the dtype of `value`."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (value.shape[0], locations.shape[1], value.shape[2] * value.shape[3])
+    return torch.randn(shape, generator=generator).to(value.device, value.dtype)
+
+
+def assert_close_fp32(got: torch.Tensor, expected: torch.Tensor, name: str, tol: float = 1e-5) -> None:
+    """Within `tol`, relative to the tensor's largest entry. Location gradients are differences of the
+    neighbours' values times W or H, so small entries come from cancellation and carry the rounding error
+    of the large ones; measured against float64, the kernel is as close as grid_sample (~2e-5 at |grad| ~ 70).
+    """
+    scale = max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol * scale, msg=lambda m: f"{name}: {m}")
+
+
 def forward_and_grads(impl: str, value, shapes, starts, locations, weights, grad_output):
     """Output and (grad_value, grad_locations, grad_weights) of `ms_deform_attn` with `impl`."""
     leaves = [t.detach().clone().requires_grad_() for t in (value, locations, weights)]
@@ -51,12 +67,12 @@ def forward_and_grads(impl: str, value, shapes, starts, locations, weights, grad
 @pytest.mark.parametrize("case", CASES)
 def test_cpu_kernel_matches_reference_fp32(case):
     value, shapes, starts, locations, weights = random_inputs(*CASES[case])
-    grad_output = torch.randn(value.shape[0], locations.shape[1], value.shape[2] * value.shape[3])
+    grad_output = random_grad_output(value, locations)
     out, grads = forward_and_grads("cpu", value, shapes, starts, locations, weights, grad_output)
     ref_out, ref_grads = forward_and_grads("torch", value, shapes, starts, locations, weights, grad_output)
-    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    assert_close_fp32(out, ref_out, "output")
     for name, got, expected in zip(("value", "locations", "weights"), grads, ref_grads):
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"grad {n}: {m}")
+        assert_close_fp32(got, expected, f"grad {name}")
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -74,7 +90,7 @@ def test_cpu_kernel_16bit_values_match_fp32_reference(dtype, tol):
     fp32 reference run on the same (rounded) values."""
     value, shapes, starts, locations, weights = random_inputs(*CASES["three-levels"])
     value = value.to(dtype)
-    grad_output = torch.randn(value.shape[0], locations.shape[1], value.shape[2] * value.shape[3]).to(dtype)
+    grad_output = random_grad_output(value, locations)
     out, grads = forward_and_grads("cpu", value, shapes, starts, locations, weights, grad_output)
     ref_out, ref_grads = forward_and_grads("torch", value.float(), shapes, starts, locations, weights,
                                            grad_output.float())
@@ -82,14 +98,13 @@ def test_cpu_kernel_16bit_values_match_fp32_reference(dtype, tol):
     torch.testing.assert_close(out.float(), ref_out, rtol=tol, atol=tol)
     torch.testing.assert_close(grads[0].float(), ref_grads[0], rtol=tol, atol=tol)
     # Location and weight gradients are fp32 sums of products of the same rounded numbers.
-    torch.testing.assert_close(grads[1], ref_grads[1], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(grads[2], ref_grads[2], rtol=1e-4, atol=1e-4)
+    assert_close_fp32(grads[1], ref_grads[1], "grad locations", tol=1e-4)
+    assert_close_fp32(grads[2], ref_grads[2], "grad weights", tol=1e-4)
 
 
 def test_opcheck_forward_and_backward_ops():
     value, shapes, starts, locations, weights = random_inputs(*CASES["four-levels"], dtype=torch.float64)
-    grad_output = torch.randn(value.shape[0], locations.shape[1], value.shape[2] * value.shape[3],
-                              dtype=torch.float64)
+    grad_output = random_grad_output(value, locations)
     leaves = [t.clone().requires_grad_() for t in (value, locations, weights)]
     torch.library.opcheck(ms_deform_attn_op, (leaves[0], shapes, starts, leaves[1], leaves[2]))
     torch.library.opcheck(ms_deform_attn_backward_op, (grad_output, value, shapes, starts, locations, weights))
