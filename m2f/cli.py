@@ -10,14 +10,16 @@ from pathlib import Path
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="tiny", help="preset name (see `m2f info`)")
+    p.add_argument("--config", default="tiny", help="preset name (see `m2f info`) or a config JSON file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.max_iters=60 (repeatable)")
 
 
 def _config(args: argparse.Namespace, extra: list[str] = ()):  # type: ignore[assignment]
-    from m2f.config import get_config
+    from m2f.config import apply_overrides, from_dict, get_config
 
+    if args.config.endswith(".json"):  # a run's config.json (m2f.experiment passes one to torchrun)
+        return apply_overrides(from_dict(json.loads(Path(args.config).read_text())), [*extra, *args.overrides])
     return get_config(args.config, [*extra, *args.overrides])
 
 
@@ -85,9 +87,20 @@ def cmd_doctor(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from m2f.demo import DEMO_ITERS, main_job
+    from m2f.demo import main_job
 
-    main_job(out=Path(args.out), iters=args.iters or DEMO_ITERS)
+    main_job(out=Path(args.out), iters=args.iters)
+
+
+def cmd_reproduce(args: argparse.Namespace) -> None:
+    from m2f.reproduce import list_tables, reproduce
+
+    if args.list or not args.table:
+        print(list_tables())
+        return
+    for table in args.table:
+        reproduce(table, scale=args.scale, data=args.data, out=args.out, max_iters=args.iters, seed=args.seed,
+                  overrides=args.overrides)
 
 
 def cmd_dashboard(args: argparse.Namespace) -> None:
@@ -156,9 +169,21 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(fn=cmd_doctor)
 
     p = sub.add_parser("demo", help="the main job: synthetic data, tiny-scale reproduction, where results are")
-    p.add_argument("--out", default="out", help="output folder")
-    p.add_argument("--iters", type=int, default=None, help="training iterations per run (default 500)")
+    p.add_argument("--out", default="results/tiny", help="output folder")
+    p.add_argument("--iters", type=int, default=0, help="training iterations per row (default: the tiny scale's 500)")
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("reproduce", help="run a paper table's notebooks with papermill and compare with the paper")
+    p.add_argument("table", nargs="*", help="table names (see --list)")
+    p.add_argument("--list", action="store_true", help="list the tables and their cost per scale")
+    p.add_argument("--scale", default="tiny", choices=["tiny", "small", "paper"])
+    p.add_argument("--data", default=None, help="dataset root (default OUT/data, generated at tiny/small scale)")
+    p.add_argument("--out", default=None, help="output folder (default results/SCALE)")
+    p.add_argument("--iters", type=int, default=0, help="training iterations per row (default: the scale's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field of every row (repeatable)")
+    p.set_defaults(fn=cmd_reproduce)
 
     p = sub.add_parser("dashboard", help="serve the Panel dashboards (attention, proposals, per-layer metrics)")
     p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run directories or checkpoint files")

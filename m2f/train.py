@@ -11,6 +11,7 @@ revision, parameter count, skipped images) is written into the run directory.
 import json
 import logging
 import math
+import resource
 import subprocess
 import time
 from contextlib import nullcontext
@@ -97,6 +98,7 @@ def train(cfg: Config, *, out_dir: str | Path, resume: bool = False, progress: b
     bar = tqdm(total=cfg.train.max_iters, initial=start_iter, disable=not (progress and dist.is_main()),
                desc=f"train {cfg.name}", dynamic_ncols=True)
     last_loss, last_eval, tic = math.nan, {}, time.perf_counter()
+    memory = PeakMemory(device)
     model.train()
     for iteration, (images, targets) in zip(range(start_iter, cfg.train.max_iters), loader):
         with amp:
@@ -125,8 +127,9 @@ def train(cfg: Config, *, out_dir: str | Path, resume: bool = False, progress: b
             last_loss = record["loss"]
             steps = done % cfg.train.log_period or cfg.train.log_period
             record.update(iteration=done, lr=cfg.train.lr * lr_factor(iteration, cfg.train),
-                          grad_norm=float(grad_norm),
-                          images_per_s=steps * cfg.train.batch_size / max(elapsed, 1e-9))
+                          grad_norm=float(grad_norm), seconds=elapsed,
+                          images_per_s=steps * cfg.train.batch_size / max(elapsed, 1e-9),
+                          peak_memory_mb=memory.peak_mb())
             bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{record['lr']:.1e}", ips=f"{record['images_per_s']:.1f}")
             _append_metrics(run, {"split": "train", **record})
         if done % cfg.train.checkpoint_period == 0 or done == cfg.train.max_iters:
@@ -135,7 +138,9 @@ def train(cfg: Config, *, out_dir: str | Path, resume: bool = False, progress: b
             model.eval()
             last_eval = evaluate_fn(model, cfg)
             model.train()
-            _append_metrics(run, {"split": "val", "iteration": done, **_scalars(last_eval)})
+            # The next training window starts after the evaluation, so images/s stays a training speed.
+            seconds, tic = time.perf_counter() - tic, time.perf_counter()
+            _append_metrics(run, {"split": "val", "iteration": done, "seconds": seconds, **_scalars(last_eval)})
             bar.write(f"[{done}] " + ", ".join(f"{k}={v:.3f}" for k, v in _scalars(last_eval).items()
                                                if k.endswith(("PQ", "AP", "mIoU"))))
     bar.close()
@@ -143,6 +148,26 @@ def train(cfg: Config, *, out_dir: str | Path, resume: bool = False, progress: b
     if skipped and dist.is_main():
         logger.warning(skipped)
     return {"iterations": cfg.train.max_iters, "final_loss": last_loss, "eval": last_eval, "run_dir": str(run)}
+
+
+class PeakMemory:
+    """Peak memory of the training loop since it started: `torch.cuda.max_memory_allocated` on GPU;
+    on CPU the growth of the process's peak resident set (ru_maxrss) over its value at the start, so
+    model building and data loading before the loop do not count (loader workers are other processes)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        self.device, self.start = device, 0 if self.cuda else _max_rss_bytes()
+
+    def peak_mb(self) -> float:
+        peak = torch.cuda.max_memory_allocated(self.device) if self.cuda else _max_rss_bytes() - self.start
+        return peak / 2**20
+
+
+def _max_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:

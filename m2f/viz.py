@@ -376,12 +376,16 @@ def forward(path: str | Path, image: ImageRef) -> Capture:
 @functools.lru_cache(maxsize=32)
 def _forward(ckpt: str, mtime_ns: int, image: ImageRef) -> Capture:
     model, _ = _load_run(ckpt, mtime_ns)
-    tensor = torch.from_numpy(image.image).permute(2, 0, 1)
+    return capture(model, image.image)
+
+
+def capture(model: Mask2Former, image: np.ndarray) -> Capture:
+    """`model` (in eval mode) on one (H, W, 3) uint8 image with capture on."""
     with torch.no_grad():
-        out = model([tensor], capture=True)
+        out = model([torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)], capture=True)
     sets = [*out["aux_outputs"], out]
     return Capture(
-        image=image.image,
+        image=image,
         padded_size=tuple(out["padded_size"]),
         mask_probs=torch.stack([s["pred_masks"][0] for s in sets]).float().sigmoid().numpy(),
         class_probs=torch.stack([s["pred_logits"][0] for s in sets]).float().softmax(-1).numpy(),

@@ -1,0 +1,125 @@
+"""One experiment from start to finish: train a config (resumable), evaluate it, summarise it.
+
+The notebooks in notebooks/ are thin drivers around `run_experiment`; `m2f reproduce` collects
+the summaries it returns. Every step is resumable: a finished run is not trained again (its
+checkpoint is at `train.max_iters`), an interrupted one continues from its last checkpoint, and the
+evaluation is cached next to the checkpoint (RUN/eval_layers.json, which the dashboards read too).
+
+    >>> cfg = get_config("tiny", ["data.root=data/synthetic", "model.attention=cross"])
+    >>> summary = run_experiment(cfg, run_dir="runs/cross")
+    >>> summary["PQ"], summary["layers"]["PQ"]        # final PQ, PQ of every prediction set (0-100)
+"""
+
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from m2f.config import Config
+
+EVAL_FILE = "eval_layers.json"
+# The headline numbers of the paper's tables: name -> (task section of the metrics, key).
+HEADLINE = {"PQ": ("panoptic", "PQ"), "PQ_th": ("panoptic", "PQ_th"), "PQ_st": ("panoptic", "PQ_st"),
+            "AP": ("instance", "AP"), "mIoU": ("semantic", "mIoU"), "AR@100": ("proposals", "AR@100")}
+
+
+def run_experiment(cfg: Config, *, run_dir: str | Path, layers: str = "all", proposals: bool = True,
+                   nproc_per_node: int = 1, progress: bool = True) -> dict[str, Any]:
+    """Trains `cfg` into `run_dir` unless that is done, evaluates the final model, and summarises.
+
+    Args:
+        cfg: the experiment (`cfg.data.root` must hold the dataset).
+        run_dir: the run directory (config.json, metrics.jsonl, checkpoint.pth, eval_layers.json).
+        layers: "all" evaluates every prediction set (Fig. II, Fig. 3), "final" only the last.
+        proposals: also class-agnostic AR@100 of the mask proposals (Fig. 3).
+        nproc_per_node: >1 trains under `torchrun` with that many processes (GPUs) on this node;
+            evaluation then runs here, in one process.
+        progress: progress bars.
+
+    Returns:
+        The `summarize` dict of the run (metrics on a 0-100 scale, as in the paper).
+    """
+    run = Path(run_dir)
+    if nproc_per_node > 1:
+        _torchrun(cfg, run, nproc_per_node)
+    else:
+        from m2f.train import train
+
+        train(cfg, out_dir=run, resume=True, progress=progress)
+    return summarize(run, evaluate_run(run, layers=layers, proposals=proposals, progress=progress))
+
+
+def evaluate_run(run_dir: str | Path, *, layers: str = "all", proposals: bool = True,
+                 progress: bool = True) -> dict[str, Any]:
+    """Metrics of a run's checkpoint on its validation split, cached in RUN/eval_layers.json.
+
+    The cache is used when it was computed for the same checkpoint file (its modification time),
+    layers and proposals.
+
+    Raises:
+        FileNotFoundError: the run has no checkpoint.
+    """
+    from m2f.inference import evaluate, load_run
+
+    run = Path(run_dir)
+    checkpoint = run / "checkpoint.pth"
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"{run} has no checkpoint.pth: train it first")
+    cache = run / EVAL_FILE
+    key = {"checkpoint_mtime_ns": checkpoint.stat().st_mtime_ns, "layers": layers, "proposals": proposals}
+    if cache.is_file():
+        data = json.loads(cache.read_text())
+        if data.get("key") == key:
+            return data["metrics"]
+    model, cfg = load_run(run)
+    metrics = evaluate(model, cfg, layers=layers, proposals=proposals, progress=progress)
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "config": cfg.to_dict(), "metrics": metrics}, indent=1, default=str))
+    tmp.replace(cache)
+    return metrics
+
+
+def summarize(run_dir: str | Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The numbers a table needs from one run, on the paper's 0-100 scale.
+
+    Returns:
+        {"PQ", "PQ_th", "PQ_st", "AP", "mIoU", "AR@100" (those evaluated), "layers": {metric: [value per
+        prediction set]} (when all sets were evaluated), "train": {"iterations", "final_loss",
+        "images_per_s", "minutes", "peak_memory_mb"}, "parameters", "num_images", "run_dir"}.
+    """
+    from m2f.viz import layer_curves, read_metrics
+
+    run = Path(run_dir)
+    out: dict[str, Any] = {}
+    for name, (task, key) in HEADLINE.items():
+        value = metrics.get(task, {}).get(key)
+        if isinstance(value, (int, float)):
+            out[name] = 100.0 * float(value)
+    if "layers" in metrics:
+        out["layers"] = layer_curves(metrics["layers"])
+    records, evals = read_metrics(run)
+    info = json.loads((run / "run_info.json").read_text())
+    out["train"] = {
+        "iterations": records[-1]["iteration"] if records else 0,
+        "final_loss": records[-1]["loss"] if records else None,
+        "images_per_s": sum(r["images_per_s"] for r in records) / max(len(records), 1),
+        "minutes": sum(r.get("seconds", 0.0) for r in [*records, *evals]) / 60,  # with periodic evaluation
+        "peak_memory_mb": max((r.get("peak_memory_mb", 0.0) for r in records), default=0.0),
+    }
+    out["parameters"] = info.get("parameters")
+    out["num_images"] = metrics.get("num_images")
+    out["run_dir"] = str(run)
+    return out
+
+
+def _torchrun(cfg: Config, run: Path, nproc_per_node: int) -> None:
+    """Trains under torchrun on this node; the config travels as a JSON file next to the run."""
+    run.mkdir(parents=True, exist_ok=True)
+    config_file = run / "requested_config.json"
+    config_file.write_text(cfg.to_json())
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}",
+               "-m", "m2f.cli", "train", "--config", str(config_file), "--out", str(run), "--resume"]
+    print("$", shlex.join(command), flush=True)
+    subprocess.run(command, check=True)

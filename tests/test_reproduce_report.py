@@ -1,0 +1,83 @@
+"""The reproduction report: ours beside the paper's, differences to the baseline, and an honest direction."""
+
+import csv
+import io
+
+import pytest
+
+from m2f.reproduce.report import RowResult, direction, markdown, row_values, to_csv, to_html
+from m2f.reproduce.tables import TABLES
+
+
+@pytest.mark.parametrize(("ours", "base", "paper", "paper_base", "expected"), [
+    (20.0, 30.0, 47.1, 51.9, "agrees"),           # both lower
+    (35.0, 30.0, 47.1, 51.9, "disagrees"),        # ours higher, paper lower
+    (35.0, 30.0, 52.2, 51.9, "agrees"),           # both higher
+    (30.0, 30.0, 47.1, 51.9, "no change in ours"),
+    (20.0, 30.0, 47.2, 47.2, ""),                 # the paper saw no change: nothing to judge
+    (None, 30.0, 47.1, 51.9, ""),                 # a row without our number
+])
+def test_direction(ours, base, paper, paper_base, expected):
+    assert direction(ours, base, paper, paper_base) == expected
+
+
+def table4a_results(cross_pq: float) -> list[RowResult]:
+    rows = TABLES["table4a"].rows
+    return [RowResult(rows[0], "done", {"PQ": 30.0, "AP": 10.0, "mIoU": 40.0}, notebook="rows/a/02_ablation.ipynb"),
+            RowResult(rows[1], "done", {"PQ": cross_pq, "AP": 12.0, "mIoU": 35.0}),
+            RowResult(rows[2], "failed", error="rows/c/02_ablation.ipynb cell 5: ValueError: bad")]
+
+
+def test_markdown_judges_every_metric_against_the_baseline():
+    text = markdown(TABLES["table4a"], "tiny", table4a_results(20.0), setting="test")
+    line = next(ln for ln in text.splitlines() if ln.startswith("| - masked attention"))
+    # PQ 20 vs 30 (paper 47.1 vs 51.9): both lower; AP 12 vs 10 (paper 37.8 vs 43.7): opposite.
+    assert "20.0 / 47.1" in line and "PQ -10.0 / -4.8" in line
+    assert "PQ agrees" in line and "AP disagrees" in line and "mIoU agrees" in line
+    assert "**Direction agrees with the paper in 2 of 3 comparisons.**" in text
+    assert "## Failed rows" in text and "cell 5: ValueError: bad" in text
+    assert "[Mask2Former (ours)](rows/a/02_ablation.ipynb)" in text
+
+
+def test_rows_m2f_does_not_implement_keep_the_paper_number():
+    table = TABLES["table4c"]
+    results = [RowResult(row, "not implemented" if row.variant is None else "done",
+                         {} if row.variant is None else {"PQ": 1.0}) for row in table.rows]
+    line = next(ln for ln in markdown(table, "tiny", results, setting="").splitlines() if ln.startswith("| SMCA"))
+    assert "n/i / 47.2" in line
+
+
+def test_csv_and_html_hold_one_record_per_row_and_metric():
+    table, results = TABLES["table4a"], table4a_results(20.0)
+    records = list(csv.DictReader(io.StringIO(to_csv(table, results))))
+    assert len(records) == 3 * 3
+    cross = {r["metric"]: r for r in records if r["row"] == "- masked attention"}
+    assert float(cross["PQ"]["paper"]) == table.rows[1].paper["PQ"]
+    assert float(cross["AP"]["delta_ours"]) == pytest.approx(2.0)
+    assert cross["AP"]["direction"] == "disagrees"
+    page = to_html(table, "tiny", results)
+    assert page.count("<tr>") == 1 + len(records)
+
+
+def test_row_values_reports_training_memory_in_gigabytes():
+    summary = {"PQ": 40.0, "AR@100": 50.0, "train": {"peak_memory_mb": 512.0}}
+    assert row_values(summary, ("PQ", "AP", "memory_gb")) == {"PQ": 40.0, "memory_gb": 0.5}
+
+
+def test_a_row_is_done_only_with_the_same_params_and_its_inputs_in_place(tmp_path):
+    import os
+
+    from m2f.reproduce.runner import _is_done
+
+    checkpoint = tmp_path / "run" / "checkpoint.pth"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"x")
+    (tmp_path / "metrics.json").write_text("{}")
+    (tmp_path / "params.json").write_text('{"seed": 0}')
+    os.utime(checkpoint, ns=(1, 1))
+    assert _is_done(tmp_path, {"seed": 0}, [checkpoint])
+    assert not _is_done(tmp_path, {"seed": 1}, [checkpoint])              # other parameters
+    os.utime(checkpoint, ns=(2**62, 2**62))
+    assert not _is_done(tmp_path, {"seed": 0}, [checkpoint])              # retrained after the metrics
+    checkpoint.unlink()
+    assert not _is_done(tmp_path, {"seed": 0}, [checkpoint])              # a fresh clone: no checkpoint
