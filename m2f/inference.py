@@ -81,11 +81,11 @@ def coco_annotation_paths(root: str | Path, split: str) -> dict[str, Path]:
 
 def evaluate(model: Mask2Former, cfg: Config, *, split: str | None = None, layers: str = "final",
              max_images: int | None = None, proposals: bool = False, progress: bool = False) -> dict[str, Any]:
-    """Metrics of `model` on a split of `cfg.data` (COCO panoptic or instance layout).
+    """Metrics of `model` on a split of `cfg.data` (COCO panoptic layout, or ADE20K for semantic only).
 
     The tasks are those `cfg.test` enables: panoptic (PQ/SQ/RQ, things/stuff), instance (COCO mask AP
     against the instances JSON; AP^Th_pan for a panoptic model) and semantic (mIoU_pan against the
-    panoptic ground truth). Predictions are made at the test size and evaluated at the original size.
+    panoptic ground truth; with data.format=ade20k, mIoU against the label PNGs). Predictions are made at the test size and evaluated at the original size.
 
     Args:
         split: default `cfg.data.val_split`.
@@ -104,16 +104,22 @@ def evaluate(model: Mask2Former, cfg: Config, *, split: str | None = None, layer
     from m2f.evaluation import LayerwiseEvaluator, ProposalRecallEvaluator, read_json
 
     d, test = cfg.data, cfg.test
-    if d.format != "coco_panoptic":
-        raise ValueError(f"evaluate reads the COCO panoptic layout (data.format=coco_panoptic), not {d.format!r}; "
+    ade20k = d.format == "ade20k"
+    if d.format not in ("coco_panoptic", "ade20k"):
+        raise ValueError(f"evaluate reads the COCO panoptic or ADE20K layout (data.format), not {d.format!r}; "
                          "for other formats use the evaluators in m2f.evaluation directly")
+    if ade20k and (test.panoptic_on or test.instance_on or proposals):
+        raise ValueError("data.format=ade20k is evaluated for semantic segmentation only: set "
+                         "test.panoptic_on=false, test.instance_on=false and proposals=False")
     if layers not in ("final", "all"):
         raise ValueError(f"layers must be 'final' or 'all', got {layers!r}")
     split = split or d.val_split
-    dataset = build_dataset(d.format, d.root, split, task="panoptic",
+    # The dataset's task sets the label space (an instance model's classes are the things only).
+    dataset = build_dataset(d.format, d.root, split, task=d.task,
                             transforms=build_test_transforms(size=d.test_size, max_size=d.test_max_size))
-    paths = coco_annotation_paths(d.root, split)
-    panoptic_gt = {a["image_id"]: a for a in read_json(paths["panoptic_json"], "panoptic annotations")["annotations"]}
+    paths = {} if ade20k else coco_annotation_paths(d.root, split)
+    panoptic_gt = {} if ade20k else {a["image_id"]: a for a in read_json(paths["panoptic_json"],
+                                                                         "panoptic annotations")["annotations"]}
     num_sets = cfg.model.dec_layers + 1 if layers == "all" else 1
     evaluator = LayerwiseEvaluator(
         categories=dataset.categories.to_coco(), panoptic=test.panoptic_on, semantic=test.semantic_on,
@@ -128,15 +134,18 @@ def evaluate(model: Mask2Former, cfg: Config, *, split: str | None = None, layer
     model.eval()
     for index in tqdm(range(count), desc="evaluate", disable=not progress):
         item = dataset[index]
-        gt = panoptic_gt[item["image_id"]]
         with torch.no_grad():
             out = model([item["image"].to(device)])
         if layers == "final":
             out = {k: v for k, v in out.items() if k != "aux_outputs"}
         sizes = {"image_sizes": [tuple(item["image"].shape[-2:])], "output_sizes": [(item["height"], item["width"])],
                  "padded_size": out["padded_size"]}
-        evaluator.update(out, image_ids=[item["image_id"]], **sizes,
-                         panoptic_targets=[(paths["panoptic_dir"] / gt["file_name"], gt["segments_info"])])
+        if ade20k:
+            targets = {"semantic_targets": [dataset.label_map(index)]}
+        else:
+            gt = panoptic_gt[item["image_id"]]
+            targets = {"panoptic_targets": [(paths["panoptic_dir"] / gt["file_name"], gt["segments_info"])]}
+        evaluator.update(out, image_ids=[item["image_id"]], **sizes, **targets)
         for meter, predictions in zip(recall, [*out.get("aux_outputs", []), out]):
             meter.update(item["image_id"], *_proposals(predictions, sizes))
     model.train(was_training)

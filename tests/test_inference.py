@@ -74,3 +74,23 @@ def test_load_run_explains_a_missing_or_foreign_checkpoint(tmp_path):
     torch.save({"weights": {}}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="not an m2f checkpoint"):
         load_run(tmp_path / "other.pth")
+
+
+@pytest.mark.parametrize(("task", "fmt", "classes", "metric"), [
+    ("instance", "coco_panoptic", 6, ("instance", "AP")),   # an instance model knows the 6 thing classes only
+    ("semantic", "ade20k", 10, ("semantic", "mIoU")),       # ADE20K layout: the synthetic set's semantic PNGs
+])
+def test_evaluate_a_task_specific_model_in_its_own_label_space(data, task, fmt, classes, metric):
+    tests = [f"test.{t}_on={t == task}" for t in ("panoptic", "instance", "semantic")]
+    cfg = get_config("tiny", [f"data.root={data}", f"data.format={fmt}", f"data.task={task}", "data.test_size=64",
+                              f"model.num_classes={classes}", "model.num_queries=30", *tests])
+    oracle = Oracle(build_dataset(fmt, data, "val", task=task), cfg.model.num_queries, classes, cfg.model.dec_layers)
+    metrics = evaluate(oracle, cfg)
+    assert set(metrics) == {metric[0], "num_images"}
+    assert metrics[metric[0]][metric[1]] == pytest.approx(1.0)
+
+
+def test_ade20k_evaluation_is_semantic_only(data):
+    cfg = get_config("tiny", [f"data.root={data}", "data.format=ade20k", "data.task=semantic"])
+    with pytest.raises(ValueError, match="semantic segmentation only"):
+        evaluate(build_model(cfg), cfg)

@@ -104,19 +104,25 @@ class ADE20KSemanticDataset(SegmentationDataset):
                                           label_path=label_path))
         self.set_records(records, len(images))
 
-    def load(self, index: int) -> Item:
-        """Read image `index` and its label PNG into one mask per class present."""
+    def label_map(self, index: int) -> np.ndarray:
+        """(H, W) int64 class indices of image `index` at its original size, `IGNORE_LABEL` where the
+        PNG has 0 (what semantic evaluation compares predictions with)."""
         record = self.records[index]
-        image = read_image(record.image_path)
         raw = read_label_png(record.label_path)
-        if raw.shape != image.shape[:2]:
-            raise DatasetError(record.label_path, f"size mismatch: label PNG is {raw.shape[1]}x{raw.shape[0]}, "
-                                                  f"the image is {image.shape[1]}x{image.shape[0]}")
         num_classes = self.categories.num_classes
         if raw.max(initial=0) > num_classes:
             raise DatasetError(record.label_path, f"label out of range: value {int(raw.max())} > {num_classes} "
                                                   f"(labels are 0 = ignore and 1..{num_classes})")
-        label_map = np.where(raw == 0, IGNORE_LABEL, raw.astype(np.int64) - 1)
-        labels, masks = semantic_targets(label_map, num_classes)
+        return np.where(raw == 0, IGNORE_LABEL, raw.astype(np.int64) - 1)
+
+    def load(self, index: int) -> Item:
+        """Read image `index` and its label PNG into one mask per class present."""
+        record = self.records[index]
+        image = read_image(record.image_path)
+        label_map = self.label_map(index)
+        if label_map.shape != image.shape[:2]:
+            raise DatasetError(record.label_path, f"size mismatch: label PNG is {label_map.shape[1]}x"
+                                                  f"{label_map.shape[0]}, the image is {image.shape[1]}x{image.shape[0]}")
+        labels, masks = semantic_targets(label_map, self.categories.num_classes)
         return make_item(image=image, image_id=record.image_id, file_name=record.file_name,
                          labels=labels, masks=masks)
