@@ -11,7 +11,6 @@ revision, parameter count, skipped images) is written into the run directory.
 import json
 import logging
 import math
-import resource
 import subprocess
 import time
 from contextlib import nullcontext
@@ -28,6 +27,7 @@ from m2f.config import Config, from_dict
 from m2f.criterion import SetCriterion
 from m2f.data.loader import build_train_loader, pad_targets
 from m2f.matcher import HungarianMatcher
+from m2f.memory import PeakMemory
 from m2f.model import build_model, count_parameters
 from m2f.optim import build_optimizer, build_scheduler, lr_factor
 
@@ -98,7 +98,7 @@ def train(cfg: Config, *, out_dir: str | Path, resume: bool = False, progress: b
     bar = tqdm(total=cfg.train.max_iters, initial=start_iter, disable=not (progress and dist.is_main()),
                desc=f"train {cfg.name}", dynamic_ncols=True)
     last_loss, last_eval, tic = math.nan, {}, time.perf_counter()
-    memory = PeakMemory(device)
+    memory = PeakMemory(device=device).start()
     model.train()
     for iteration, (images, targets) in zip(range(start_iter, cfg.train.max_iters), loader):
         with amp:
@@ -129,7 +129,7 @@ def train(cfg: Config, *, out_dir: str | Path, resume: bool = False, progress: b
             record.update(iteration=done, lr=cfg.train.lr * lr_factor(iteration, cfg.train),
                           grad_norm=float(grad_norm), seconds=elapsed,
                           images_per_s=steps * cfg.train.batch_size / max(elapsed, 1e-9),
-                          peak_memory_mb=memory.peak_mb())
+                          peak_memory_mb=memory.peak_bytes() / 2**20)
             bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{record['lr']:.1e}", ips=f"{record['images_per_s']:.1f}")
             _append_metrics(run, {"split": "train", **record})
         if done % cfg.train.checkpoint_period == 0 or done == cfg.train.max_iters:
@@ -148,26 +148,6 @@ def train(cfg: Config, *, out_dir: str | Path, resume: bool = False, progress: b
     if skipped and dist.is_main():
         logger.warning(skipped)
     return {"iterations": cfg.train.max_iters, "final_loss": last_loss, "eval": last_eval, "run_dir": str(run)}
-
-
-class PeakMemory:
-    """Peak memory of the training loop since it started: `torch.cuda.max_memory_allocated` on GPU;
-    on CPU the growth of the process's peak resident set (ru_maxrss) over its value at the start, so
-    model building and data loading before the loop do not count (loader workers are other processes)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        self.device, self.start = device, 0 if self.cuda else _max_rss_bytes()
-
-    def peak_mb(self) -> float:
-        peak = torch.cuda.max_memory_allocated(self.device) if self.cuda else _max_rss_bytes() - self.start
-        return peak / 2**20
-
-
-def _max_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
