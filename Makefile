@@ -6,7 +6,7 @@ UV     := .tools/bin/uv
 UV_VERSION := 0.13.9
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test clean
 
 $(UV):
 	$(PYTHON) -m venv .tools

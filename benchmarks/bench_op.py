@@ -4,8 +4,8 @@
 
 For every shape, impl and mode (forward under no_grad; forward + backward) a fresh subprocess builds
 the inputs, runs the op once to measure its peak memory, then times `--repeats` runs and reports the
-median. CPU peak memory is the growth of the process's peak RSS (`resource.getrusage`) over that first
-run, so cases never share a peak; CUDA peak memory is `max_memory_allocated` above the inputs.
+median. Peak memory (`m2f.memory.PeakMemory`) is that first run's growth above the inputs: CPU, peak
+RSS (high-water mark reset first), so cases never share a peak; CUDA, `max_memory_allocated`.
 CUDA rows also report the achieved bandwidth: the unique bytes the op must touch (inputs, outputs and,
 for the backward, the gradients) over the median time, against the H200's ~4.3 TB/s.
 
@@ -14,19 +14,16 @@ position on every level, with offsets of ~2 pixels (like trained offsets, unlike
 keeps the memory locality of the real op). Writes `<out>/op_<device>.json` and `<out>/op_<device>.md`.
 """
 
-import argparse
-import json
 import os
 import platform
-import resource
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
+from common import benchmark_parser, cpu_name, parse_or_work, run_worker, write_report
+
+from m2f.memory import PeakMemory
 
 H200_BANDWIDTH = 4.3e12  # bytes/s, HBM3e
 
@@ -128,16 +125,9 @@ def worker(spec: dict) -> dict:
     with torch.no_grad():
         ms_deform_attn(value[:1], shapes, starts, locations[:1, :8], weights[:1, :8], impl=impl)
     synchronize(device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        run()
-        synchronize(device)
-        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        run()
-        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # KiB on Linux
+    memory = PeakMemory(device=device).start()
+    run()
+    peak_mb = memory.peak_bytes() / 2**20
     times = []
     for _ in range(spec["repeats"]):
         synchronize(device)
@@ -152,14 +142,6 @@ def worker(spec: dict) -> dict:
         row["bandwidth_gbs"] = unique_bytes(shape, dtype, mode) / median / 1e9
         row["of_h200_peak"] = unique_bytes(shape, dtype, mode) / median / H200_BANDWIDTH
     return row
-
-
-def run_case(spec: dict) -> dict:
-    result = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
-                            text=True, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"benchmark case {spec} failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def markdown(report: dict) -> str:
@@ -206,33 +188,10 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads in every case")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+    args = parse_or_work(benchmark_parser(__doc__, repeats=7), worker)
+    if args is None:
         return
-
-    from m2f.ops.build import load_extension
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda needs a CUDA device")
-    load_extension(args.device)  # build once here, not inside a timed worker
     load_before = os.getloadavg()[0]
     rows = []
     for shape in SHAPES[args.device]:
@@ -241,7 +200,7 @@ def main() -> None:
                 for impl in ("torch", args.device):
                     spec = {"shape": asdict(shape), "impl": impl, "dtype": dtype, "mode": mode,
                             "device": args.device, "threads": args.threads, "repeats": args.repeats}
-                    rows.append(run_case(spec))
+                    rows.append(run_worker(__file__, spec))
                     print(f"{shape.name:38s} {dtype:9s} {mode:8s} {impl:6s} {rows[-1]['median_ms']:9.2f} ms "
                           f"{rows[-1]['peak_mb']:9.1f} MB", flush=True)
     report = {
@@ -249,7 +208,7 @@ def main() -> None:
             "device": args.device,
             "date": time.strftime("%Y-%m-%d %H:%M"),
             "torch": torch.__version__,
-            "processor": torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name(),
+            "processor": torch.cuda.get_device_name() if args.device == "cuda" else cpu_name(),
             "threads": args.threads,
             "repeats": args.repeats,
             "load_before": load_before,
@@ -259,9 +218,7 @@ def main() -> None:
         "kernel_impl": args.device,
         "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"op_{args.device}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / f"op_{args.device}.md").write_text(markdown(report) + "\n")
+    write_report(args.out, f"op_{args.device}", report, markdown(report))
     print(markdown(report))
 
 

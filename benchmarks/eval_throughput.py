@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import RESULTS, write_report
 
 from m2f.evaluation import LayerwiseEvaluator, encode_masks
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def peak_rss_mib() -> float:
@@ -136,8 +135,6 @@ def main() -> None:
                     "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                     "load_average_1min_at_end": round(os.getloadavg()[0], 2)},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     w = record["workload"]
     lines = [
         "# Per-layer evaluation throughput (post-processing + PQ + AP + mIoU)",
@@ -160,7 +157,7 @@ def main() -> None:
         " at the end (shared machine; other jobs were running).",
         "",
     ]
-    args.out.with_suffix(".md").write_text("\n".join(lines))
+    write_report(args.out.parent, args.out.name, record, "\n".join(lines))
     print(json.dumps(record, indent=2))
 
 

@@ -10,11 +10,9 @@ benchmarks/results/train_memory_{device}.json and .md.
 
 import argparse
 import json
-import platform
-import resource
-import subprocess
-import sys
 from pathlib import Path
+
+from common import RESULTS, box_targets, cpu_name, run_worker, write_report
 
 CASES = [  # (label, point_matching, point_loss): the rows of Table 5
     ("mask matching, mask loss", False, False),
@@ -27,6 +25,7 @@ def one_step(device: str, size: int, point_matching: bool, point_loss: bool) -> 
     import torch
 
     from m2f.config import get_config
+    from m2f.memory import PeakMemory
     from m2f.model import build_model
     from m2f.train import build_criterion
 
@@ -35,22 +34,11 @@ def one_step(device: str, size: int, point_matching: bool, point_loss: bool) -> 
                                            f"loss.point_loss={point_loss}", "model.deform_impl=torch"])
     model, criterion = build_model(cfg).to(device).train(), build_criterion(cfg)
     image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, device=device)
-    masks = torch.zeros(20, size, size, dtype=torch.bool, device=device)
-    for g in range(20):  # 20 boxes of different sizes
-        y, x, s = (g * 37) % (size // 2), (g * 53) % (size // 2), size // 16 + g * size // 64
-        masks[g, y: y + s, x: x + s] = True
-    targets = [{"labels": torch.arange(20, device=device) % 10, "masks": masks}]
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    targets = [box_targets(size=size, count=20, num_classes=10, device=device)]  # 20 boxes of different sizes
+    memory = PeakMemory(device=device).start()
     loss = criterion(model([image]), targets)["loss"]
     loss.backward()
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    peak = memory.peak_bytes()
     return {"peak_bytes": float(peak), "loss": float(loss)}
 
 
@@ -58,28 +46,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    parser.add_argument("--case", type=int, help=argparse.SUPPRESS)  # internal: run one case and print JSON
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one case and print JSON
     args = parser.parse_args()
-    if args.case is not None:
-        _, matching, point = CASES[args.case]
-        print(json.dumps(one_step(args.device, args.size, matching, point)))
+    if args.worker:
+        spec = json.loads(args.worker)
+        _, matching, point = CASES[spec["case"]]
+        print(json.dumps(one_step(spec["device"], spec["size"], matching, point)))
         return
     rows = []
     for i, (label, matching, point) in enumerate(CASES):
-        done = subprocess.run([sys.executable, __file__, "--device", args.device, "--size", str(args.size),
-                               "--case", str(i)], capture_output=True, text=True, check=True)
-        result = json.loads(done.stdout.strip().splitlines()[-1])
+        result = run_worker(__file__, {"device": args.device, "size": args.size, "case": i})
         rows.append({"case": label, "point_matching": matching, "point_loss": point, **result})
         print(f"{label}: {result['peak_bytes'] / 2**20:.0f} MiB", flush=True)
     base = rows[0]["peak_bytes"]
     for row in rows:
         row["ratio_to_mask_loss"] = base / row["peak_bytes"]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     meta = {"device": args.device, "size": args.size, "batch": 1, "gt_masks": 20, "model": "R50, 100 queries",
-            "machine": platform.processor() or platform.machine()}
-    (out / f"train_memory_{args.device}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+            "machine": cpu_name()}
     lines = [f"# Training-step peak memory, full masks vs points ({args.device}, {args.size}x{args.size}, R50, "
              "batch 1, 20 GT masks)", "",
              "Peak memory of one forward + matching + loss + backward above the built model, each case in a "
@@ -87,7 +71,7 @@ def main() -> None:
              "18 GB with mask loss, 6 GB with point loss (3x).", "",
              "| matching / loss | peak memory | mask-loss peak / this |", "|---|---|---|"]
     lines += [f"| {r['case']} | {r['peak_bytes'] / 2**20:.0f} MiB | {r['ratio_to_mask_loss']:.2f}x |" for r in rows]
-    (out / f"train_memory_{args.device}.md").write_text("\n".join(lines) + "\n")
+    write_report(args.out, f"train_memory_{args.device}", {"meta": meta, "rows": rows}, "\n".join(lines))
 
 
 if __name__ == "__main__":
