@@ -81,7 +81,9 @@ def comparisons(table: Table, results: list[RowResult]) -> list[dict[str, Any]]:
 def _fmt(value: float | None, signed: bool = False) -> str:
     if value is None:
         return ""
-    return f"{value:+.1f}" if signed else f"{value:.1f}" if abs(value) >= 1 or value == 0 else f"{value:.2f}"
+    # Fractions (attention mass, 0-1) need two decimals where percentages (PQ, AP) need one.
+    digits = 1 if abs(value) >= 1 or value == 0 else 2
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
 def markdown(table: Table, scale: str, results: list[RowResult], *, setting: str,
@@ -102,7 +104,7 @@ def markdown(table: Table, scale: str, results: list[RowResult], *, setting: str
         for metric in table.metrics:
             record = cells.get(metric)
             ours = _fmt(record["ours"]) if record and record["ours"] is not None else _status(result)
-            values.append(f"{ours} / {_fmt(record['paper']) if record else ''}".strip())
+            values.append(f"{ours} / {(_fmt(record['paper']) if record else '') or 'n/a'}")
         deltas = "; ".join(f"{m} {_fmt(r['delta_ours'], True) or '?'} / {_fmt(r['delta_paper'], True) or '?'}"
                            for m, r in cells.items() if r["delta_ours"] is not None or r["delta_paper"] is not None)
         verdict = ", ".join(f"{m} {r['direction']}" for m, r in cells.items() if r["direction"])
