@@ -47,6 +47,18 @@ def test_rows_m2f_does_not_implement_keep_the_paper_number():
     assert "n/i / 47.2" in line
 
 
+def test_fractions_keep_two_decimals_and_a_missing_paper_number_says_so():
+    table = TABLES["figure1"]
+    results = [RowResult(table.rows[0], "done", {"fg_1/32": 0.48, "fg_1/16": 0.58, "fg_1/8": 0.66, "fg_mean": 0.57}),
+               RowResult(table.rows[1], "done", {"fg_1/32": 0.15, "fg_1/16": 0.15, "fg_1/8": 0.17, "fg_mean": 0.16})]
+    line = next(ln for ln in markdown(table, "tiny", results, setting="").splitlines() if ln.startswith("| cross"))
+    assert "fg_1/32 -0.33 / -0.30" in line  # one decimal would print -0.3 / -0.3
+    figure3 = TABLES["figure3"]
+    line = next(ln for ln in markdown(figure3, "tiny", [RowResult(figure3.rows[0], "done", {"AR@100": 28.0})],
+                                      setting="").splitlines() if ln.startswith("| Mask2Former"))
+    assert "28.0 / n/a" in line
+
+
 def test_csv_and_html_hold_one_record_per_row_and_metric():
     table, results = TABLES["table4a"], table4a_results(20.0)
     records = list(csv.DictReader(io.StringIO(to_csv(table, results))))
