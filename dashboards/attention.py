@@ -30,6 +30,7 @@ from dashboards.common import (
     extensions,
     frame,
     guarded,
+    run_config,
     run_label,
     runs_from_args,
 )
@@ -66,9 +67,8 @@ class AttentionExplorer(param.Parameterized):
     @param.depends("run", watch=True)
     def _sync_limits(self) -> None:
         """Query, layer and head ranges follow the run's config (when it loads)."""
-        try:
-            _, cfg = viz.load_run_cached(self.run)
-        except Exception:  # the view shows the error; the widgets keep their ranges
+        cfg = run_config(self.run)
+        if cfg is None:
             return
         m = cfg.model
         self.param.query.bounds = (0, m.num_queries - 1)

@@ -16,6 +16,7 @@ import panel as pn
 import param
 
 from m2f import viz
+from m2f.config import Config
 
 NO_RUN = "(none)"
 
@@ -39,6 +40,15 @@ def run_label(path: str) -> str:
     """A short name for a run in selectors and legends: its directory name (and parent)."""
     p = Path(path)
     return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
+
+
+def run_config(run: str | None) -> Config | None:
+    """The run's config, to size the widgets; None while the run does not load (its view shows the
+    error as an Alert and the widgets keep their ranges)."""
+    try:
+        return viz.load_run_cached(run)[1]
+    except Exception:  # reported by the view, which loads the same run
+        return None
 
 
 def alert(err: BaseException | str, *, kind: str = "danger") -> pn.pane.Alert:

@@ -21,7 +21,16 @@ if __package__ in (None, ""):
     # `panel serve dashboards/<file>.py` runs this file as a script: make the repository importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dashboards.common import ImagePicker, alert, extensions, frame, guarded, run_label, runs_from_args
+from dashboards.common import (
+    ImagePicker,
+    alert,
+    extensions,
+    frame,
+    guarded,
+    run_config,
+    run_label,
+    runs_from_args,
+)
 from m2f import viz
 
 
@@ -50,9 +59,8 @@ class ProposalsExplorer(param.Parameterized):
 
     @param.depends("run", watch=True)
     def _sync_limits(self) -> None:
-        try:
-            _, cfg = viz.load_run_cached(self.run)
-        except Exception:  # the view shows the error; the widgets keep their ranges
+        cfg = run_config(self.run)
+        if cfg is None:
             return
         self.param.prediction.bounds = (0, cfg.model.dec_layers)
         self.param.query.bounds = (0, cfg.model.num_queries - 1)
