@@ -119,7 +119,7 @@ def evaluate(model: Mask2Former, cfg: Config, *, split: str | None = None, layer
                             transforms=build_test_transforms(size=d.test_size, max_size=d.test_max_size))
     paths = {} if ade20k else coco_annotation_paths(d.root, split)
     panoptic_gt = {} if ade20k else {a["image_id"]: a for a in read_json(paths["panoptic_json"],
-                                                                         "panoptic annotations")["annotations"]}
+                                                                         what="panoptic annotations")["annotations"]}
     num_sets = cfg.model.dec_layers + 1 if layers == "all" else 1
     evaluator = LayerwiseEvaluator(
         categories=dataset.categories.to_coco(), panoptic=test.panoptic_on, semantic=test.semantic_on,

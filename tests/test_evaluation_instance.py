@@ -94,7 +94,7 @@ def test_instance_files_match_in_memory(tmp_path):
     # other 3, where recall stops at 0.5; the lower-scored wrong-class detection changes nothing).
     assert from_files["per_class"][1] == pytest.approx((7 + 3 * 51 / 101) / 10)
     assert from_files["per_class"][3] == 0.0
-    with pytest.raises(FileNotFoundError, match="COCO instance results JSON not found"):
+    with pytest.raises(FileNotFoundError, match="COCO instance results JSON file not found"):
         evaluate_instance_files(tmp_path / "gt.json", tmp_path / "nothing.json")
 
 

@@ -214,10 +214,10 @@ def test_pq_compute_round_trip_and_hand_case_on_files(tmp_path):
     result = pq_compute(tmp_path / "cgt.json", tmp_path / "cpred.json", tmp_path / "cgt", tmp_path / "cpred")
     assert result["All"] == pytest.approx({"pq": 1.8 / 3, "sq": 1.8 / 3, "rq": 2 / 3, "n": 3})
 
-    with pytest.raises(FileNotFoundError, match="panoptic PNG not found"):
+    with pytest.raises(FileNotFoundError, match="panoptic PNG file not found"):
         pq_compute(tmp_path / "cgt.json", tmp_path / "cpred.json", tmp_path / "cgt", tmp_path / "nowhere")
     (tmp_path / "short.json").write_text(json.dumps({"annotations": []}))
     with pytest.raises(ValueError, match="no prediction for the image with id 1"):
         pq_compute(tmp_path / "cgt.json", tmp_path / "short.json", tmp_path / "cgt", tmp_path / "cpred")
-    with pytest.raises(FileNotFoundError, match="ground-truth panoptic JSON not found"):
+    with pytest.raises(FileNotFoundError, match="ground-truth panoptic JSON file not found"):
         pq_compute(tmp_path / "missing.json", tmp_path / "cpred.json", tmp_path / "cgt", tmp_path / "cpred")

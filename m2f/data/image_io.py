@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from m2f.data.errors import DatasetError, DatasetFileNotFoundError
+from m2f.data.mask_codec import rgb_to_id
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)
@@ -94,7 +95,7 @@ def read_panoptic_png(path: str | Path) -> np.ndarray:
         path: RGB (or RGBA, alpha ignored) PNG.
 
     Returns:
-        (H, W) int32 segment ids.
+        (H, W) int64 segment ids.
 
     Raises:
         DatasetFileNotFoundError: the file does not exist.
@@ -104,8 +105,7 @@ def read_panoptic_png(path: str | Path) -> np.ndarray:
     image = _open(path, "panoptic PNG")
     if image.mode not in ("RGB", "RGBA"):
         raise DatasetError(path, f"bad panoptic PNG mode: ids are encoded in RGB, got mode {image.mode}")
-    rgb = np.asarray(image, dtype=np.int32)[..., :3]
-    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+    return rgb_to_id(np.asarray(image)[..., :3])
 
 
 def read_json(path: str | Path, *, what: str = "annotation JSON") -> Any:

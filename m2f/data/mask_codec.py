@@ -166,3 +166,9 @@ def id_to_rgb(ids: np.ndarray) -> np.ndarray:
     # The little-endian bytes of a 32-bit id are exactly R, G, B (and a zero byte).
     as_bytes = np.ascontiguousarray(ids, dtype="<u4").view(np.uint8).reshape(*ids.shape, 4)
     return np.ascontiguousarray(as_bytes[..., :3])
+
+
+def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
+    """RGB (H, W, 3) of a COCO panoptic PNG -> (H, W) int64 segment ids, id = R + 256*G + 256^2*B."""
+    rgb = np.asarray(rgb, dtype=np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]

@@ -5,9 +5,10 @@ Every evaluator streams: `update` per image, then `compute`; memory does not gro
 of images except for the RLE result lists that COCO AP needs. All metrics are in [0, 1].
 """
 
+from m2f.data.image_io import read_json, read_panoptic_png
 from m2f.evaluation.attention_mass import AttentionMassMeter, foreground_at_level
 from m2f.evaluation.boundary_iou import BoundaryCOCOeval, mask_to_boundary
-from m2f.evaluation.coco_io import load_coco, read_json, read_panoptic_png, write_panoptic_png
+from m2f.evaluation.coco_io import load_coco, write_panoptic_png
 from m2f.evaluation.files import evaluate_instance_files, pq_compute
 from m2f.evaluation.instance_ap import InstanceEvaluator, encode_masks, run_cocoeval, summarize_instance_ap
 from m2f.evaluation.layerwise import LayerwiseEvaluator

@@ -1,8 +1,8 @@
-"""Reading COCO JSON, COCO ground truth and COCO panoptic PNGs with errors that name the file."""
+"""COCO ground truth and panoptic PNGs for evaluation, with errors that name the file (the JSON and PNG
+readers are the data package's, `m2f.data.image_io`)."""
 
 import contextlib
 import io
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -11,46 +11,8 @@ import numpy as np
 from PIL import Image
 from pycocotools.coco import COCO
 
-
-def read_json(path: str | Path, what: str) -> Any:
-    """Loads a JSON file, with errors that name the file.
-
-    Args:
-        path: the file.
-        what: what the file should be, for error messages ("ground-truth panoptic JSON", ...).
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: not valid JSON.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        with path.open() as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: {what} is not valid JSON ({e})") from e
-
-
-def read_panoptic_png(path: str | Path) -> np.ndarray:
-    """Reads a COCO panoptic PNG into segment ids, id = R + 256*G + 256^2*B (0 = void).
-
-    Returns:
-        (H, W) int64 segment ids.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: not an RGB image.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"panoptic PNG not found: {path}")
-    with Image.open(path) as im:
-        if im.mode != "RGB":
-            raise ValueError(f"{path}: panoptic PNGs must be RGB, got mode {im.mode}")
-        rgb = np.asarray(im, dtype=np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+from m2f.data.image_io import read_json
+from m2f.data.mask_codec import id_to_rgb
 
 
 def write_panoptic_png(path: str | Path, ids: np.ndarray) -> None:
@@ -58,8 +20,7 @@ def write_panoptic_png(path: str | Path, ids: np.ndarray) -> None:
     ids = np.asarray(ids, dtype=np.int64)
     if ids.ndim != 2 or ids.min(initial=0) < 0 or ids.max(initial=0) >= 256**3:
         raise ValueError(f"{path}: segment ids must be a (H, W) array in [0, 256^3), got shape {ids.shape}")
-    rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], axis=-1).astype(np.uint8)
-    Image.fromarray(rgb, mode="RGB").save(path)
+    Image.fromarray(id_to_rgb(ids), mode="RGB").save(path)
 
 
 def load_coco(ground_truth: str | Path | Mapping[str, Any] | COCO) -> COCO:
@@ -71,7 +32,7 @@ def load_coco(ground_truth: str | Path | Mapping[str, Any] | COCO) -> COCO:
     if isinstance(ground_truth, COCO):
         return ground_truth
     if isinstance(ground_truth, str | Path):
-        source, dataset = str(ground_truth), read_json(ground_truth, "COCO ground-truth JSON")
+        source, dataset = str(ground_truth), read_json(ground_truth, what="COCO ground-truth JSON")
     else:
         source, dataset = "ground-truth dict", dict(ground_truth)
     missing = [k for k in ("images", "annotations", "categories") if k not in dataset]

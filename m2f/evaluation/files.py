@@ -3,7 +3,8 @@
 from pathlib import Path
 from typing import Any
 
-from m2f.evaluation.coco_io import load_coco, read_json
+from m2f.data.image_io import read_json
+from m2f.evaluation.coco_io import load_coco
 from m2f.evaluation.instance_ap import summarize_instance_ap
 from m2f.evaluation.panoptic_quality import PanopticEvaluator
 
@@ -37,8 +38,8 @@ def pq_compute(gt_json: str | Path, pred_json: str | Path, gt_folder: str | Path
         FileNotFoundError: a JSON or PNG file is missing.
         ValueError: malformed JSON, a ground-truth image without prediction, or inconsistent segments.
     """
-    gt = read_json(gt_json, "ground-truth panoptic JSON")
-    pred = read_json(pred_json, "predicted panoptic JSON")
+    gt = read_json(gt_json, what="ground-truth panoptic JSON")
+    pred = read_json(pred_json, what="predicted panoptic JSON")
     if not isinstance(gt, dict) or "categories" not in gt:
         raise ValueError(f"{gt_json}: a COCO panoptic ground-truth JSON needs a 'categories' list")
     evaluator = PanopticEvaluator(categories=gt["categories"], contiguous_predictions=False)
@@ -69,7 +70,7 @@ def evaluate_instance_files(gt_json: str | Path, results_json: str | Path, *,
         See `summarize_instance_ap`.
     """
     gt = load_coco(gt_json)
-    results = read_json(results_json, "COCO instance results JSON")
+    results = read_json(results_json, what="COCO instance results JSON")
     if not isinstance(results, list):
         raise ValueError(f"{results_json}: COCO instance results must be a JSON list of detections, "
                          f"got {type(results).__name__}")

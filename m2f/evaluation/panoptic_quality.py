@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from m2f.evaluation.coco_io import read_panoptic_png
+from m2f.data.image_io import read_panoptic_png
 
 _OFFSET = 256**3  # segment ids fit in an RGB PNG, so gt_id * _OFFSET + pred_id is a unique pair key
 IdMap = np.ndarray | Tensor | str | Path
