@@ -38,9 +38,7 @@ from typing import Any
 
 import torch
 from common import (
-    BACKBONES,
     TOLERANCE,
-    AgreementError,
     StageTimer,
     alternate,
     benchmark_parser,
@@ -48,7 +46,6 @@ from common import (
     forward_stages,
     logit_agreement,
     machine_info,
-    model_pair,
     operator_lines,
     parse_or_work,
     run_worker,
@@ -61,6 +58,7 @@ from common import (
 from torch import Tensor, nn
 
 from m2f.memory import PeakMemory
+from m2f.testing import BACKBONES, AgreementError, model_pair
 
 MODELS = ("m2f", "transformers")
 VARIANTS = {  # (precision, torch.compile) per device

@@ -43,7 +43,6 @@ from common import (
     forward_stages,
     logit_agreement,
     machine_info,
-    model_pair,
     operator_lines,
     parse_or_work,
     run_worker,
@@ -55,6 +54,7 @@ from common import (
 from torch import Tensor, nn
 
 from m2f.memory import PeakMemory
+from m2f.testing import model_pair
 
 CASES = {  # name -> (model, m2f loss overrides)
     "m2f point loss": ("m2f", []),

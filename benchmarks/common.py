@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from m2f.testing import AgreementError, prediction_sets
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -277,68 +279,8 @@ def box_targets(*, size: int, count: int, num_classes: int, device: str | torch.
 
 
 # --------------------------------------------------------------------------------------------------
-# The peer: transformers' Mask2Former with the same weights as the m2f model converted from it.
-
-BACKBONES = ("r50", "swin_t")
-HEAD_SCALE = 20.0
-
-
-def transformers_config(backbone: str, **fields: Any) -> Any:
-    """A transformers `Mask2FormerConfig` (COCO panoptic: 133 classes, 100 queries unless `fields` say
-    otherwise) with an R50 (timm, frozen BatchNorm) or Swin-T (transformers' own) backbone, built
-    offline: no pretrained backbone is fetched.
-
-    Args:
-        backbone: "r50", "swin_t", or "r18" (the small one the tests use).
-        **fields: other `Mask2FormerConfig` fields (widths, layers, points) for smaller models.
-    """
-    from transformers import Mask2FormerConfig, SwinConfig, TimmBackboneConfig
-
-    if backbone in ("r50", "r18"):
-        backbone_config = TimmBackboneConfig(backbone="resnet50" if backbone == "r50" else "resnet18",
-                                             out_indices=(1, 2, 3, 4), freeze_batch_norm_2d=True)
-    elif backbone == "swin_t":
-        backbone_config = SwinConfig(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7,
-                                     drop_path_rate=0.0, out_features=["stage1", "stage2", "stage3", "stage4"])
-    else:
-        raise ValueError(f"unknown backbone {backbone!r}; choose one of {(*BACKBONES, 'r18')}")
-    return Mask2FormerConfig(backbone_config=backbone_config, use_pretrained_backbone=False,
-                             **{"num_labels": 133, "num_queries": 100, **fields})
-
-
-def model_pair(backbone: str, *, device: str = "cpu", deform_impl: str = "auto", seed: int = 0,
-               **fields: Any) -> tuple[nn.Module, nn.Module]:
-    """transformers' `Mask2FormerForUniversalSegmentation` with its own random initialisation (fixed
-    seed, so every worker process builds the same weights; class head and mask-embedding output layer
-    scaled by HEAD_SCALE) and the m2f model converted from it (`m2f.convert.from_transformers`); both in
-    eval mode on `device`.
-
-    Args:
-        backbone: see `transformers_config`.
-        deform_impl: m2f's `model.deform_impl` ("auto" = the compiled kernel of the device).
-        seed: of transformers' random initialisation.
-        **fields: `Mask2FormerConfig` fields.
-
-    Returns:
-        (theirs, ours); the m2f config is `ours.config`.
-    """
-    from transformers import Mask2FormerForUniversalSegmentation
-
-    from m2f.pretrained import load_pretrained
-
-    torch.manual_seed(seed)
-    theirs = Mask2FormerForUniversalSegmentation(transformers_config(backbone, **fields)).eval()
-    with torch.no_grad():
-        # At initialisation every class score is ~1/K and mask logits stay within +-1, so panoptic
-        # post-processing would see no confident query and no confident pixel. Scaled heads give what a
-        # trained model gives: confident queries and mask logits up to ~+-20 (a stricter fp32 check too).
-        theirs.class_predictor.weight.mul_(HEAD_SCALE)
-        last = theirs.model.transformer_module.decoder.mask_predictor.mask_embedder.layers[-1].layers[0]
-        last.weight.mul_(HEAD_SCALE)
-        last.bias.mul_(HEAD_SCALE)
-    ours = load_pretrained(theirs, overrides=[f"model.deform_impl={deform_impl}"], device=device)
-    return theirs.to(device), ours
-
+# The peer: transformers' Mask2Former with the same weights as the m2f model converted from it
+# (`m2f.testing`, shared with the fidelity tests).
 
 def thing_classes(num_classes: int) -> list[bool]:
     """Which classes are things: the first 80 of COCO panoptic's 133, the same share for other counts."""
@@ -410,22 +352,6 @@ def alternate(runs: dict[str, Callable[[], Any]], *, warmup: int, repeats: int, 
 TOLERANCE = 1e-3  # |mask logit difference| within which a query counts as agreeing (fp32)
 MIN_AGREEING = 0.99  # share of (prediction set, query) pairs that must agree within TOLERANCE
 MAX_RELATIVE = 0.01  # no query may differ by more than this share of the largest |mask logit|
-
-
-class AgreementError(RuntimeError):
-    """The two models' outputs differ: their timings would not compare the same computation."""
-
-
-def prediction_sets(ours: dict[str, Any], theirs: Any) -> list[tuple[dict[str, Tensor], dict[str, Tensor]]]:
-    """Pairs m2f's prediction sets (aux_outputs, then the final one) with transformers' (its
-    auxiliary_logits, needs output_auxiliary_logits=True, then the final one), as
-    ({"pred_logits", "pred_masks"}, {"class_queries_logits", "masks_queries_logits"}) pairs."""
-    theirs_sets = [*(theirs.auxiliary_logits or []), {"masks_queries_logits": theirs.masks_queries_logits,
-                                                      "class_queries_logits": theirs.class_queries_logits}]
-    ours_sets = [*ours["aux_outputs"], ours]
-    if len(ours_sets) != len(theirs_sets):
-        raise AgreementError(f"m2f gives {len(ours_sets)} prediction sets, transformers {len(theirs_sets)}")
-    return list(zip(ours_sets, theirs_sets))
 
 
 def logit_agreement(ours: dict[str, Any], theirs: Any, *, tolerance: float = TOLERANCE) -> dict[str, float]:

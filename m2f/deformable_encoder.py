@@ -120,7 +120,8 @@ class DeformableEncoder(nn.Module):
         )
 
     @staticmethod
-    def reference_points(spatial_shapes: Tensor, num_levels: int, device: torch.device) -> Tensor:
+    def reference_points(spatial_shapes: Tensor, num_levels: int, device: torch.device,
+                         dtype: torch.dtype = torch.float32) -> Tensor:
         """(1, S, L, 2): each pixel's centre ((j+0.5)/W, (i+0.5)/H), the same on every level.
 
         The original scales by "valid ratios", which are always 1 because padding is never masked.
@@ -128,8 +129,8 @@ class DeformableEncoder(nn.Module):
         points = []
         for h, w in spatial_shapes.tolist():
             ys, xs = torch.meshgrid(
-                (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h,
-                (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w,
+                (torch.arange(h, device=device, dtype=dtype) + 0.5) / h,
+                (torch.arange(w, device=device, dtype=dtype) + 0.5) / w,
                 indexing="ij",
             )
             points.append(torch.stack((xs.flatten(), ys.flatten()), -1))
@@ -137,7 +138,7 @@ class DeformableEncoder(nn.Module):
 
     def forward(self, src: Tensor, pos: Tensor, spatial_shapes: Tensor, level_start_index: Tensor) -> Tensor:
         """src, pos (B, S, C), spatial_shapes (L, 2) -> (B, S, C)."""
-        ref = self.reference_points(spatial_shapes, spatial_shapes.shape[0], src.device)
+        ref = self.reference_points(spatial_shapes, spatial_shapes.shape[0], src.device, src.dtype)
         for layer in self.layers:
             src = layer(src, pos, ref, spatial_shapes, level_start_index)
         return src

@@ -44,7 +44,7 @@ class Mask2Former(nn.Module):
             images: (B, 3, H, W) or a list of (3, H_i, W_i), uint8 or float on the 0-255 scale.
 
         Returns:
-            (B, 3, H_pad, W_pad) float.
+            (B, 3, H_pad, W_pad) in the model's dtype (that of `pixel_mean`).
         """
         if isinstance(images, Tensor):
             if images.dim() != 4 or images.shape[1] != 3:
@@ -55,12 +55,13 @@ class Mask2Former(nn.Module):
         d = self.size_divisibility
         height = -(-max(im.shape[-2] for im in images) // d) * d
         width = -(-max(im.shape[-1] for im in images) // d) * d
-        batch = images[0].new_zeros((len(images), 3, height, width), dtype=torch.float32,
-                                    device=self.pixel_mean.device)
+        # The model's own dtype (float32, or float64 after `.double()`), so fidelity checks can run in float64.
+        dtype = self.pixel_mean.dtype
+        batch = images[0].new_zeros((len(images), 3, height, width), dtype=dtype, device=self.pixel_mean.device)
         for i, im in enumerate(images):
             if im.dim() != 3 or im.shape[0] != 3:
                 raise ValueError(f"image {i} must be (3, H, W) RGB, got shape {tuple(im.shape)}")
-            im = im.to(self.pixel_mean.device, torch.float32)
+            im = im.to(self.pixel_mean.device, dtype)
             batch[i, :, : im.shape[1], : im.shape[2]] = (im - self.pixel_mean) / self.pixel_std
         return batch
 

@@ -16,6 +16,11 @@ from m2f.position_encoding import sine_position_encoding
 NUM_DECODER_LEVELS = 3  # the Transformer decoder uses 1/32, 1/16 and 1/8
 
 
+def at_least_fp32(x: Tensor) -> Tensor:
+    """Half and bfloat16 tensors cast up to float32; float32 and float64 unchanged (never cast down)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 class ConvNorm(nn.Conv2d):
     """Conv2d followed by an optional GroupNorm(32) and ReLU, with detectron2's "c2 xavier" init.
 
@@ -93,15 +98,15 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.mask_features = ConvNorm(conv_dim, mask_dim, kernel_size=1, norm=False, relu=False)
 
     def forward(self, features: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
-        # The deformable encoder always runs in fp32, as in the original: its sampling locations need
-        # the precision, and the op may not support half types.
+        # The deformable encoder runs in at least fp32, as in the original: its sampling locations need
+        # the precision, and the op may not support half types. A float64 model stays float64.
         with torch.autocast(device_type=features["res2"].device.type, enabled=False):
             names = list(reversed(FEATURE_NAMES[1:]))
-            srcs = [proj(features[n].float()) for proj, n in zip(self.input_proj, names)]
-            pos = [sine_position_encoding(*s.shape[-2:], num_feats=s.shape[1] // 2, device=s.device)
+            srcs = [proj(at_least_fp32(features[n])) for proj, n in zip(self.input_proj, names)]
+            pos = [sine_position_encoding(*s.shape[-2:], num_feats=s.shape[1] // 2, device=s.device, dtype=s.dtype)
                    .unsqueeze(0).expand(s.shape[0], -1, -1, -1) for s in srcs]
             pyramid = self.transformer(srcs, pos)
-            res2 = self.adapter_1(features["res2"].float())
+            res2 = self.adapter_1(at_least_fp32(features["res2"]))
             fine = res2 + F.interpolate(pyramid[-1], size=res2.shape[-2:], mode="bilinear", align_corners=False)
             fine = self.layer_1(fine)
             return self.mask_features(fine), pyramid[:NUM_DECODER_LEVELS]

@@ -18,16 +18,19 @@ def sine_position_encoding(
     temperature: float = 10000.0,
     scale: float = 2 * math.pi,
     device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Returns the (2*num_feats, height, width) encoding; it depends only on the map's shape.
+    """Returns the (2*num_feats, height, width) encoding in `dtype`; it depends only on the map's shape.
+
+    It is computed in `dtype` (not computed in float32 and cast) so that a float64 model is float64 end to end.
 
     The original computes it from an all-False padding mask (the padding mask is never used), so the
     cumulative sums are plain 1..H and 1..W ranges.
     """
     eps = 1e-6
-    y = torch.arange(1, height + 1, dtype=torch.float32, device=device) / (height + eps) * scale
-    x = torch.arange(1, width + 1, dtype=torch.float32, device=device) / (width + eps) * scale
-    dim_t = torch.arange(num_feats, dtype=torch.float32, device=device)
+    y = torch.arange(1, height + 1, dtype=dtype, device=device) / (height + eps) * scale
+    x = torch.arange(1, width + 1, dtype=dtype, device=device) / (width + eps) * scale
+    dim_t = torch.arange(num_feats, dtype=dtype, device=device)
     dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
     pos_y = y[:, None] / dim_t  # (H, F)
     pos_x = x[:, None] / dim_t  # (W, F)

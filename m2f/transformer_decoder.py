@@ -218,8 +218,9 @@ class MaskedTransformerDecoder(nn.Module):
         srcs, pos, shapes = [], [], []
         for lvl, x in enumerate(pyramid):
             shapes.append(tuple(x.shape[-2:]))
-            pe = sine_position_encoding(*shapes[-1], num_feats=self.hidden_dim // 2, device=x.device)
-            pos.append(pe.flatten(1).T[None].expand(batch, -1, -1).to(x.dtype))  # (B, HW, C)
+            pe = sine_position_encoding(*shapes[-1], num_feats=self.hidden_dim // 2, device=x.device,
+                                        dtype=x.dtype)
+            pos.append(pe.flatten(1).T[None].expand(batch, -1, -1))  # (B, HW, C)
             srcs.append(self.input_proj[lvl](x).flatten(2).transpose(1, 2) + self.level_embed.weight[lvl])
 
         query_pos = self.query_embed.weight[None].expand(batch, -1, -1)
@@ -284,14 +285,28 @@ class MaskedTransformerDecoder(nn.Module):
         mask = torch.einsum("bqc,bchw->bqhw", self.mask_embed(x), mask_features)
         if not target_shapes:
             return cls, mask, None
-        with torch.no_grad():  # the attention mask is a hard, detached decision
-            blocked = torch.cat([
-                F.interpolate(mask, size=s, mode="bilinear", align_corners=False).flatten(2) for s in target_shapes
-            ], -1).sigmoid() < 0.5
-            # A query whose mask is empty attends everywhere instead (the original's rule, not in the
-            # paper); otherwise its softmax would have no support.
-            blocked[blocked.all(-1)] = False
-        return cls, mask, blocked
+        return cls, mask, attention_mask(mask, target_shapes)
+
+
+def attention_mask(mask_logits: Tensor, target_shapes: list[tuple[int, int]]) -> Tensor:
+    """The masked-attention rule (Eq. 2-3 of the paper): which pixels of the next layer's level(s) each query
+    may NOT attend to.
+
+    Args:
+        mask_logits: (B, Q, H/4, W/4) a prediction set's mask logits.
+        target_shapes: [(H_l, W_l)] of the level(s) the next layer attends to, concatenated in this order.
+
+    Returns:
+        blocked: (B, Q, S) bool, True where sigmoid(bilinearly resized logit) < 0.5, S = sum H_l W_l; a query
+        whose mask is empty everywhere is blocked nowhere (the original's rule, not in the paper; otherwise
+        its softmax would have no support). Detached: the mask is a hard decision.
+    """
+    with torch.no_grad():
+        blocked = torch.cat([
+            F.interpolate(mask_logits, size=s, mode="bilinear", align_corners=False).flatten(2) for s in target_shapes
+        ], -1).sigmoid() < 0.5
+        blocked[blocked.all(-1)] = False
+    return blocked
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

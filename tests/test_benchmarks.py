@@ -24,6 +24,8 @@ import bench_model
 import bench_train_step
 import common
 
+from m2f import testing
+
 TINY = {"feature_size": 32, "mask_feature_size": 32, "hidden_dim": 32, "num_attention_heads": 4,
         "encoder_feedforward_dim": 64, "dim_feedforward": 64, "num_queries": 10, "num_labels": 5,
         "decoder_layers": 4, "encoder_layers": 1, "train_num_points": 256}
@@ -90,13 +92,13 @@ def test_panoptic_threshold_keeps_the_asked_number_of_queries():
 
 def test_inference_stops_when_the_weights_differ(monkeypatch):
     def perturbed_pair(*args, **kwargs):
-        theirs, ours = common.model_pair(*args, **kwargs)
+        theirs, ours = testing.model_pair(*args, **kwargs)
         with torch.no_grad():
             ours.transformer_decoder.mask_embed.layers[-1].bias.add_(0.5)
         return theirs, ours
 
     monkeypatch.setattr(bench_model, "model_pair", perturbed_pair)
-    with pytest.raises(common.AgreementError, match="disagree"):
+    with pytest.raises(testing.AgreementError, match="disagree"):
         bench_model.compare("r18", size=SIZE, warmup=0, repeats=1, keep=4, fields=TINY, memory=False)
 
 
@@ -144,11 +146,11 @@ def test_agreement_gate_tolerates_one_flipped_query_not_a_real_difference():
     assert stats["queries_within_tolerance"] == pytest.approx(999 / 1000)
     common.check_agreement(stats, "one flipped query")
     ours["pred_masks"] += 2e-3  # every query of the final set as well: 101 of the 1000 pairs
-    with pytest.raises(common.AgreementError, match=r"89\.9% of the"):
+    with pytest.raises(testing.AgreementError, match=r"89\.9% of the"):
         common.check_agreement(common.logit_agreement(ours, theirs), "offset final set")
     ours, theirs = synthetic_outputs()
     ours["aux_outputs"][2]["pred_masks"][0, 0, 0, 0] += 1.0  # one query, but far beyond rounding
-    with pytest.raises(common.AgreementError, match="max"):
+    with pytest.raises(testing.AgreementError, match="max"):
         common.check_agreement(common.logit_agreement(ours, theirs), "one wrong query")
 
 
