@@ -1,14 +1,21 @@
-"""The explicit MSDeformAttn impl switch and the kernel build: choices, errors, logging and the cache."""
+"""The explicit MSDeformAttn impl switch and the kernel build: choices, errors, logging, the cache and
+the CUDA build without a GPU."""
 
 import logging
+import os
 import shutil
+import subprocess
+import sys
 import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
 from test_ops_kernels import CASES, random_inputs
 
 from m2f.ops import build, dispatch, ms_deform_attn, ms_deform_attn_reference
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -104,3 +111,62 @@ def test_cache_key_follows_the_sources_and_the_cache_dir(tmp_path, monkeypatch):
     cpu_source.unlink()
     with pytest.raises(FileNotFoundError, match="set impl='torch'"):
         build.extension_name("cpu")
+
+
+def test_each_copy_of_the_sources_gets_its_own_build_directory(tmp_path, monkeypatch):
+    """Two checkouts sharing one cache: torch writes the absolute source paths into build.ninja, so one
+    directory for both would be rebuilt each time they alternate; a directory each is built once."""
+    names = []
+    for checkout in ("a", "b"):
+        shutil.copytree(build.SOURCE_DIR, tmp_path / checkout / "kernels")
+        monkeypatch.setattr(build, "SOURCE_DIR", tmp_path / checkout / "kernels")
+        names.append(build.extension_name("cpu"))
+        assert build.extension_name("cpu") == names[-1]
+    assert names[0] != names[1]
+    monkeypatch.setattr(build, "SOURCE_DIR", tmp_path / "a" / "kernels")
+    assert build.extension_name("cpu") == names[0]
+
+
+def _load_cpu_kernel(sources: Path, cache: Path) -> int:
+    """Loads (building if needed) the CPU kernel from `sources` in a fresh process; the .so's mtime."""
+    script = ("import sys; from pathlib import Path; from m2f.ops import build; build.SOURCE_DIR = Path(sys.argv[1]); "
+              "build.load_extension('cpu'); print(build.library_path('cpu').stat().st_mtime_ns)")
+    result = subprocess.run([sys.executable, "-c", script, str(sources)], env={**os.environ, "M2F_OPS_CACHE": str(cache)},
+                            capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return int(result.stdout.split()[-1])
+
+
+@pytest.mark.slow
+def test_alternating_checkouts_do_not_rebuild_each_other(tmp_path):
+    """Two real builds (~25 s each on 2 cores), then the first checkout's kernel loads without a rebuild."""
+    sources = [tmp_path / checkout / "kernels" for checkout in ("a", "b")]
+    for copy in sources:
+        shutil.copytree(build.SOURCE_DIR, copy)
+    first = _load_cpu_kernel(sources[0], tmp_path / "cache")
+    _load_cpu_kernel(sources[1], tmp_path / "cache")
+    assert _load_cpu_kernel(sources[0], tmp_path / "cache") == first
+
+
+def _toolkit_root() -> Path | None:
+    """A CUDA toolkit root with nvcc and libcudart: $CUDA_HOME, the parent of nvcc's real location, or
+    /usr/local/cuda (/usr/local/bin/nvcc may be a wrapper script that tells nothing)."""
+    nvcc = shutil.which("nvcc")
+    candidates = [os.environ.get("CUDA_HOME"), nvcc and Path(os.path.realpath(nvcc)).parents[1], "/usr/local/cuda"]
+    for root in filter(None, candidates):
+        if (Path(root) / "bin" / "nvcc").exists() and (Path(root) / "lib64" / "libcudart.so").exists():
+            return Path(root)
+    return None
+
+
+@pytest.mark.skipif(_toolkit_root() is None, reason="needs the CUDA toolkit (nvcc, libcudart)")
+def test_cuda_kernel_compiles_without_a_gpu():
+    """Builds the CUDA extension (about 45 s on 2 cores, then cached) in a fresh process, where the
+    toolkit root and the architecture can be set before torch reads them."""
+    env = {**os.environ, "CUDA_HOME": str(_toolkit_root()),
+           "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0")}
+    script = "from m2f.ops.build import load_extension; m = load_extension('cuda'); print(m.forward.__doc__)"
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert "sampling_locations" in result.stdout

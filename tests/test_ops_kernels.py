@@ -1,15 +1,24 @@
-"""The compiled CPU MSDeformAttn kernel against the pure-PyTorch reference (the oracle).
+"""The compiled MSDeformAttn kernels (CPU and CUDA) against the pure-PyTorch reference (the oracle).
 
-The first test in a fresh cache builds the kernel (~20 s on 2 cores); the rest reuse it.
-`random_inputs` and `CASES` are shared with the CUDA tests (tests/test_ops_cuda.py).
+Tests that apply to both kernels take a `device` parameter; its "cuda" case is marked `gpu` and skipped
+without a CUDA device (tests/conftest.py). The first test in a fresh cache builds the kernel (~20 s for
+the CPU one on 2 cores, ~45 s for CUDA); the rest reuse it. `random_inputs` and `CASES` are shared with
+tests/test_ops_dispatch.py.
+
+Tolerances: fp32 within 1e-5 of the reference (relative to each tensor's largest entry, see
+`assert_close_fp32`), fp64 by gradcheck; 16-bit values are compared with the fp32 reference on the same
+rounded inputs, within one 16-bit rounding of the output (bf16 1e-2, fp16 2e-3); their location/weight
+gradients are fp32 sums of the same products (1e-4).
 """
 
 import pytest
 import torch
 
 from m2f.deformable_encoder import MSDeformAttn
-from m2f.ops import ms_deform_attn, ms_deform_attn_reference
+from m2f.ops import dispatch, ms_deform_attn, ms_deform_attn_reference
 from m2f.ops.library import ms_deform_attn_backward_op, ms_deform_attn_op
+
+DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)]
 
 # (batch, level shapes (H, W), queries, heads, head dim D, points): non-square levels, one level,
 # many levels, batch > 1, and the head dims of the presets (16 tiny, 32 paper) plus 64.
@@ -64,34 +73,38 @@ def forward_and_grads(impl: str, value, shapes, starts, locations, weights, grad
     return out.detach(), [leaf.grad for leaf in leaves]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES)
-def test_cpu_kernel_matches_reference_fp32(case):
-    value, shapes, starts, locations, weights = random_inputs(*CASES[case])
+def test_kernel_matches_reference_fp32(device, case):
+    value, shapes, starts, locations, weights = random_inputs(*CASES[case], device=device)
     grad_output = random_grad_output(value, locations)
-    out, grads = forward_and_grads("cpu", value, shapes, starts, locations, weights, grad_output)
+    out, grads = forward_and_grads(device, value, shapes, starts, locations, weights, grad_output)
     ref_out, ref_grads = forward_and_grads("torch", value, shapes, starts, locations, weights, grad_output)
     assert_close_fp32(out, ref_out, "output")
     for name, got, expected in zip(("value", "locations", "weights"), grads, ref_grads):
         assert_close_fp32(got, expected, f"grad {name}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES)
-def test_cpu_kernel_gradcheck_fp64(case):
-    value, shapes, starts, locations, weights = random_inputs(*CASES[case], dtype=torch.float64)
+def test_kernel_gradcheck_fp64(device, case):
+    value, shapes, starts, locations, weights = random_inputs(*CASES[case], dtype=torch.float64, device=device)
     inputs = [t.requires_grad_() for t in (value, locations, weights)]
     assert torch.autograd.gradcheck(
         lambda v, loc, w: ms_deform_attn_op(v, shapes, starts, loc, w), inputs, fast_mode=case != "one-level"
     )
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
-def test_cpu_kernel_16bit_values_match_fp32_reference(dtype, tol):
+@pytest.mark.parametrize("case", ["three-levels", "five-levels"])
+def test_kernel_16bit_values_match_fp32_reference(device, case, dtype, tol):
     """16-bit values/outputs with fp32 locations, weights and accumulation: within 16-bit rounding of the
     fp32 reference run on the same (rounded) values."""
-    value, shapes, starts, locations, weights = random_inputs(*CASES["three-levels"])
+    value, shapes, starts, locations, weights = random_inputs(*CASES[case], device=device)
     value = value.to(dtype)
     grad_output = random_grad_output(value, locations)
-    out, grads = forward_and_grads("cpu", value, shapes, starts, locations, weights, grad_output)
+    out, grads = forward_and_grads(device, value, shapes, starts, locations, weights, grad_output)
     ref_out, ref_grads = forward_and_grads("torch", value.float(), shapes, starts, locations, weights,
                                            grad_output.float())
     assert out.dtype == dtype and grads[0].dtype == dtype and grads[1].dtype == torch.float32
@@ -102,12 +115,65 @@ def test_cpu_kernel_16bit_values_match_fp32_reference(dtype, tol):
     assert_close_fp32(grads[2], ref_grads[2], "grad weights", tol=1e-4)
 
 
-def test_opcheck_forward_and_backward_ops():
-    value, shapes, starts, locations, weights = random_inputs(*CASES["four-levels"], dtype=torch.float64)
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_and_auto_dispatch(device):
+    value, shapes, starts, locations, weights = random_inputs(*CASES["four-levels"], dtype=torch.float64,
+                                                              device=device)
     grad_output = random_grad_output(value, locations)
     leaves = [t.clone().requires_grad_() for t in (value, locations, weights)]
     torch.library.opcheck(ms_deform_attn_op, (leaves[0], shapes, starts, leaves[1], leaves[2]))
     torch.library.opcheck(ms_deform_attn_backward_op, (grad_output, value, shapes, starts, locations, weights))
+    assert dispatch.resolve_impl("auto", value) == device
+    other = {"cpu": "cuda", "cuda": "cpu"}[device]
+    with pytest.raises(ValueError, match=f"impl='{other}' runs the {other} kernel but the tensors are on {device}"):
+        ms_deform_attn(value, shapes, starts, locations, weights, impl=other)
+    torch.testing.assert_close(ms_deform_attn(value, shapes, starts, locations, weights, impl="auto"),
+                               ms_deform_attn_reference(value, shapes, locations, weights))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("head_dim", [6, 12])
+def test_kernel_partial_lane_paths(device, head_dim):
+    """For the CUDA kernel, D=6: not a multiple of 4, one channel per lane on 8 lanes (2 idle); D=12:
+    3 float4 chunks on 4 lanes, one lane idle in every shuffle. The CPU kernel takes the same head dims."""
+    value, shapes, starts, locations, weights = random_inputs(2, [(6, 4), (3, 2)], 9, 3, head_dim, 4,
+                                                              device=device)
+    grad_output = random_grad_output(value, locations)
+    out, grads = forward_and_grads(device, value, shapes, starts, locations, weights, grad_output)
+    ref_out, ref_grads = forward_and_grads("torch", value, shapes, starts, locations, weights, grad_output)
+    assert_close_fp32(out, ref_out, "output")
+    for name, got, expected in zip(("value", "locations", "weights"), grads, ref_grads):
+        assert_close_fp32(got, expected, f"grad {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_misaligned_value_takes_the_scalar_path(device):
+    value, shapes, starts, locations, weights = random_inputs(2, [(6, 4), (3, 2)], 9, 3, 16, 4, device=device)
+    storage = torch.zeros(value.numel() + 1, device=device)
+    storage[1:] = value.flatten()
+    storage.requires_grad_()
+    shifted = storage[1:].view(value.shape)  # 4 bytes past a 16-byte boundary: no float4 loads (CUDA)
+    assert shifted.data_ptr() % 16 != 0
+    out = ms_deform_attn(shifted, shapes, starts, locations, weights, impl=device)
+    grad_output = random_grad_output(value, locations)
+    out.backward(grad_output)
+    ref_out, ref_grads = forward_and_grads("torch", value, shapes, starts, locations, weights, grad_output)
+    assert_close_fp32(out.detach(), ref_out, "output")
+    assert_close_fp32(storage.grad[1:].view(value.shape), ref_grads[0], "grad value")
+
+
+@pytest.mark.gpu
+def test_cuda_kernel_at_a_paper_sized_shape():
+    """R50 encoder-like: 3 levels at strides 8/16/32 of a 400x672 image, M=8, D=32, P=4. Thousands of
+    atomic adds per grad_value entry in a different order than the reference, hence 1e-4."""
+    value, shapes, starts, locations, weights = random_inputs(1, [(50, 84), (25, 42), (13, 21)], 5523, 8, 32, 4,
+                                                              device="cuda")
+    grad_output = random_grad_output(value, locations)
+    out, grads = forward_and_grads("cuda", value, shapes, starts, locations, weights, grad_output)
+    ref_out, ref_grads = forward_and_grads("torch", value, shapes, starts, locations, weights, grad_output)
+    assert_close_fp32(out, ref_out, "output")
+    for name, got, expected in zip(("value", "locations", "weights"), grads, ref_grads):
+        assert_close_fp32(got, expected, f"grad {name}", tol=1e-4)
 
 
 def test_samples_outside_every_level_give_zero_output_and_gradients():

@@ -1,10 +1,14 @@
 """Just-in-time build of the compiled MSDeformAttn kernels in `kernels/`, cached on disk.
 
 The CPU and the CUDA kernel are separate extensions, so a machine without nvcc never needs it. Each
-build lives in `<cache>/<name>`, where the name hashes the sources, torch, Python, CUDA and the compile
-flags: a changed source or toolchain never loads a stale binary, and two processes that build the same
-extension at once serialise on torch's file lock in that directory. The cache is `$M2F_OPS_CACHE`,
-else `$XDG_CACHE_HOME/m2f/ops` (default `~/.cache/m2f/ops`).
+build lives in `<cache>/<name>`, where the name hashes the sources (content and location), torch
+(version and location), Python, CUDA and the compile flags: a changed source or toolchain never loads a
+stale binary, and two processes that build the same extension at once serialise on torch's file lock in
+that directory. The cache is `$M2F_OPS_CACHE`, else `$XDG_CACHE_HOME/m2f/ops` (default
+`~/.cache/m2f/ops`).
+
+The sources are the package data `m2f/_kernels` (the repository's top-level `kernels/`, see
+pyproject.toml), found through importlib.resources so that a checkout and an installed wheel both work.
 """
 
 import contextlib
@@ -18,6 +22,7 @@ import sysconfig
 import threading
 import time
 from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
 from types import ModuleType
 
@@ -25,7 +30,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE_DIR = Path(__file__).resolve().parents[2] / "kernels"
+# resolve(): messages and the cache key name the real folder (kernels/ in a checkout, not the link).
+SOURCE_DIR = Path(resources.files("m2f") / "_kernels").resolve()
 HEADER = "ms_deform_attn.h"
 SOURCES = {
     "cpu": ("ms_deform_attn_binding.cpp", "ms_deform_attn_cpu.cpp"),
@@ -103,12 +109,17 @@ def extension_name(device: str) -> str:
         path = SOURCE_DIR / file
         if not path.is_file():
             raise FileNotFoundError(
-                f"MSDeformAttn kernel source {path} not found: the compiled kernels need the repository's "
-                f"kernels/ directory; {TORCH_HINT}"
+                f"MSDeformAttn kernel source {path} not found: the compiled kernels need the package data "
+                f"m2f/_kernels (the repository's kernels/ directory); {TORCH_HINT}"
             )
         digest.update(file.encode() + b"\0" + path.read_bytes())
+    # Everything that ends up in the build commands, locations included: torch writes the absolute source,
+    # include and library paths into build.ninja and ninja rebuilds whenever a command changes, so two
+    # checkouts (or two environments) sharing one directory would rebuild each other's kernel each time
+    # they alternate. With their paths in the key each gets its own directory and builds once.
     toolchain = [torch.__version__, str(torch.version.cuda), platform.python_version(), platform.machine(),
-                 repr(_flags(device))]
+                 repr(_flags(device)), str(SOURCE_DIR), str(Path(torch.__file__).parent),
+                 sysconfig.get_paths()["include"]]
     if device == "cuda":
         toolchain += [str(cuda_home()), _arch_key()]
     digest.update(repr(toolchain).encode())

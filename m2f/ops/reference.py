@@ -1,6 +1,6 @@
 """Pure-PyTorch multi-scale deformable attention: the CPU fallback path and the oracle for every kernel.
 
-Shapes (legend in DESIGN.md): B batch, Lq queries, M heads, D = C/M channels per head, L levels,
+Shapes (legend in `m2f/__init__.py`): B batch, Lq queries, M heads, D = C/M channels per head, L levels,
 P points per level, S = sum_l H_l*W_l.
 
 Numerics follow the original CUDA op exactly: sampling locations are normalised (x, y) in [0, 1] with

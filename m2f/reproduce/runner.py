@@ -17,6 +17,7 @@ the other rows still run.
 
 import json
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,9 @@ from m2f.reproduce.report import RowResult, markdown, row_values, to_csv, to_htm
 from m2f.reproduce.scales import SCALES, experiment_config, get_scale, prepare_data
 from m2f.reproduce.tables import ABLATION, TABLES, VARIANTS, Row, Table, get_table
 
-NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
+# The package data m2f/_notebooks (the repository's top-level notebooks/, see pyproject.toml): found the
+# same way in a checkout and in an installed wheel.
+NOTEBOOKS = Path(resources.files("m2f") / "_notebooks").resolve()
 # Minutes of the notebook a table runs once (a figure on trained rows, the quickstart's short training).
 ONCE_MINUTES = {"figure": 1.0, "quickstart": 2.0}
 
