@@ -3,23 +3,19 @@
     m2f dashboard RUN_DIR [RUN_DIR ...]                      # or:
     panel serve dashboards/app.py --args RUN_DIR [RUN_DIR ...]
 
-In JupyterLab: `from dashboards.common import extensions; extensions(inline=True)`, then
-`build_app([...])` as the cell's last expression (see docs/dashboards.md).
+The files here are scripts that import each other by module name (common, attention, ...): `panel serve`
+puts the served file's folder first on sys.path. In JupyterLab put that folder there yourself, then
+`from common import extensions; extensions(inline=True)` and `build_app([...])` as the cell's last
+expression (see docs/dashboards.md).
 """
-
-import sys
-from pathlib import Path
 
 import panel as pn
 
-if __package__ in (None, ""):
-    # `panel serve dashboards/<file>.py` runs this file as a script: make the repository importable.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dashboards.attention import AttentionExplorer
-from dashboards.common import alert, extensions, runs_from_args
-from dashboards.layer_metrics import LayerMetrics
-from dashboards.proposals import ProposalsExplorer
+# The modules beside this file: `panel serve` runs a dashboard with its own folder first on sys.path.
+from attention import AttentionExplorer
+from common import alert, extensions, runs_from_args
+from layer_metrics import LayerMetrics
+from proposals import ProposalsExplorer
 
 
 def build_app(runs: list[str]) -> pn.Column:

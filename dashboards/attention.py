@@ -10,8 +10,6 @@ ground-truth segment it is matched to (foreground attention mass, paper Fig. I b
     panel serve dashboards/attention.py --args RUN_DIR [CROSS_ATTENTION_RUN_DIR]
 """
 
-import sys
-from pathlib import Path
 from typing import Any
 
 import holoviews as hv
@@ -19,11 +17,8 @@ import numpy as np
 import panel as pn
 import param
 
-if __package__ in (None, ""):
-    # `panel serve dashboards/<file>.py` runs this file as a script: make the repository importable.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dashboards.common import (
+# dashboards/common.py: `panel serve` runs a dashboard with its own folder first on sys.path.
+from common import (
     NO_RUN,
     ImagePicker,
     alert,
@@ -34,7 +29,10 @@ from dashboards.common import (
     run_label,
     runs_from_args,
 )
-from m2f import viz
+
+from m2f.capture import LEVEL_NAMES, MASK_STRIDE, ImageRef, forward
+from m2f.overlay import overlay, palette, resize_rgb
+from m2f.run_dir import RunDir
 
 PLOT = {"xaxis": None, "yaxis": None, "toolbar": None}
 
@@ -82,14 +80,14 @@ class AttentionExplorer(param.Parameterized):
     def _head(self) -> int | None:
         return None if self.head == "mean" else int(self.head)
 
-    def row(self, run: str, image: viz.ImageRef) -> tuple[list[hv.Element], dict[str, Any]]:
+    def row(self, run: str, image: ImageRef) -> tuple[list[hv.Element], dict[str, Any]]:
         """One run's four plots and its attention-mass numbers for the current selection.
 
         Returns:
             (plots, info) with info {"run", "attention", "foreground_pred", "foreground_gt", "gt"}.
         """
-        _, cfg = viz.load_run_cached(run)
-        cap = viz.forward(run, image)
+        _, cfg = RunDir.existing(run).load()
+        cap = forward(run, image)
         if self.query >= cap.num_queries or self.layer >= cap.num_layers:
             raise IndexError(f"{run_label(run)} has {cap.num_queries} queries and {cap.num_layers} layers; "
                              f"query {self.query} / layer {self.layer} do not exist there")
@@ -97,16 +95,16 @@ class AttentionExplorer(param.Parameterized):
         if head is not None and head >= cap.num_heads:
             raise IndexError(f"{run_label(run)} has {cap.num_heads} attention head(s); head {head} does not exist")
         level_pos = min(self.level, len(cap.levels[self.layer]) - 1)
-        level_name = viz.LEVEL_NAMES[cap.levels[self.layer][level_pos]]
+        level_name = LEVEL_NAMES[cap.levels[self.layer][level_pos]]
         name = f"{run_label(run)} ({cfg.model.attention})"
         labels, scores = cap.classes(self.layer + 1)
-        color = viz.palette(cap.num_queries)[self.query]
+        color = palette(cap.num_queries)[self.query]
         opts = {**PLOT, **frame(*image.image.shape[:2], size=230)}
 
         picture = hv.RGB(image.image, bounds=cap.image_bounds, label="image").opts(title=name, **opts)
         after = cap.mask(self.layer + 1, self.query)
-        mask_rgb = viz.overlay(viz.resize_rgb(image.image, after.shape), after > 0.5, color)
-        predicted = hv.RGB(mask_rgb, bounds=cap.bounds(viz.MASK_STRIDE), group="Predicted", label="mask").opts(
+        mask_rgb = overlay(resize_rgb(image.image, after.shape), after > 0.5, color)
+        predicted = hv.RGB(mask_rgb, bounds=cap.bounds(MASK_STRIDE), group="Predicted", label="mask").opts(
             title=f"q{self.query} after layer {self.layer}: class {labels[self.query]} ({scores[self.query]:.2f})",
             **opts)
         gate, gate_bounds = cap.attention_mask(self.layer, self.query, level_pos)

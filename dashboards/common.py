@@ -15,8 +15,9 @@ import numpy as np
 import panel as pn
 import param
 
-from m2f import viz
+from m2f.capture import ImageRef, dataset_image, decode_upload, resize_for_run
 from m2f.config import Config
+from m2f.run_dir import RunDir
 
 NO_RUN = "(none)"
 
@@ -45,9 +46,11 @@ def run_label(path: str) -> str:
 def run_config(run: str | None) -> Config | None:
     """The run's config, to size the widgets; None while the run does not load (its view shows the
     error as an Alert and the widgets keep their ranges)."""
+    if run is None:
+        return None
     try:
-        return viz.load_run_cached(run)[1]
-    except Exception:  # reported by the view, which loads the same run
+        return RunDir.existing(run).load()[1]
+    except (OSError, ValueError):  # no run / no checkpoint yet, or one that does not load: the view says which
         return None
 
 
@@ -94,7 +97,7 @@ class ImagePicker(param.Parameterized):
         self.upload.filename = name
         self.upload.value = data
 
-    def image(self, run: str) -> tuple[viz.ImageRef, list[str]]:
+    def image(self, run: str) -> tuple[ImageRef, list[str]]:
         """The chosen image at `run`'s test size, and notes about conversions.
 
         Raises:
@@ -104,11 +107,11 @@ class ImagePicker(param.Parameterized):
             if not self.upload.value:
                 raise ValueError("no image uploaded yet: choose a file with the upload button")
             name = self.upload.filename or "upload"
-            array, notes = viz.decode_image(self.upload.value, name=name)
-            _, cfg = viz.load_run_cached(run)
-            resized, more = viz.resize_for_run(array, cfg, name=name)
-            return viz.ImageRef.from_array(resized, name=name), notes + more
-        return viz.dataset_image(run, self.image_index), []
+            array, notes = decode_upload(self.upload.value, name=name)
+            _, cfg = RunDir.existing(run).load()
+            resized, more = resize_for_run(array, cfg, name=name)
+            return ImageRef.from_array(resized, name=name), notes + more
+        return dataset_image(run, self.image_index), []
 
     def widgets(self) -> pn.Column:
         return pn.Column(pn.widgets.RadioButtonGroup.from_param(self.param.source),

@@ -1,27 +1,24 @@
 """Per-layer metrics and training curves of one or several runs (e.g. masked vs cross-attention).
 
 PQ / AP / mIoU / AR@100 of every prediction set (set 0 from the learnable queries, set i after decoder
-layer i; paper Fig. II) from RUN/proposals_eval.json or an `m2f eval --layers all` file, the per-class
+layer i; paper Fig. II) from the run's evaluation cache (`m2f.run_dir`; the full evaluation is preferred,
+one on a few images is marked as partial, one of an older checkpoint is never shown), the per-class
 PQ of one prediction set, and the training loss and validation metrics from RUN/metrics.jsonl. A run
 still training (metrics.jsonl only) shows its curves and a note that there is no layer evaluation yet.
 
     panel serve dashboards/layer_metrics.py --args RUN_DIR [RUN_DIR ...]
 """
 
-import sys
-from pathlib import Path
 from typing import Any
 
 import holoviews as hv
 import panel as pn
 import param
 
-if __package__ in (None, ""):
-    # `panel serve dashboards/<file>.py` runs this file as a script: make the repository importable.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# dashboards/common.py: `panel serve` runs a dashboard with its own folder first on sys.path.
+from common import alert, extensions, guarded, run_label, runs_from_args
 
-from dashboards.common import alert, extensions, guarded, run_label, runs_from_args
-from m2f import viz
+from m2f.run_dir import LAYER_METRICS, RunDir, layer_curves
 
 CURVE = {"width": 460, "height": 280, "tools": ["hover"], "show_grid": True, "legend_position": "bottom_right"}
 TRAIN_KEYS = ["loss", "loss_ce", "loss_mask", "loss_dice", "lr", "grad_norm", "images_per_s"]
@@ -35,7 +32,7 @@ class LayerMetrics(param.Parameterized):
     """
 
     runs = param.ListSelector(default=[], objects=[], label="Runs")
-    metric = param.Selector(objects=list(viz.LAYER_METRICS), default="PQ", label="Per-layer metric")
+    metric = param.Selector(objects=list(LAYER_METRICS), default="PQ", label="Per-layer metric")
     prediction = param.Integer(default=-1, bounds=(-1, None), label="Per-class: prediction set (-1 = final)")
     train_key = param.Selector(objects=TRAIN_KEYS, default="loss", label="Training curve")
 
@@ -47,25 +44,32 @@ class LayerMetrics(param.Parameterized):
 
     def _name(self, run: str) -> str:
         try:
-            _, cfg = viz.load_run_cached(run)
+            _, cfg = RunDir.existing(run).load()
             return f"{run_label(run)} ({cfg.model.attention})"
-        except Exception:  # a run without a checkpoint is still named by its directory
+        except (OSError, ValueError):  # a run without a (loadable) checkpoint is still named by its directory
             return run_label(run)
 
     def layers(self) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
-        """Per run its per-prediction-set metrics, and messages for runs that have none."""
+        """Per run its per-prediction-set metrics (the run's full evaluation when there is one), and
+        messages: for runs that have none, and for numbers that are not the run's full evaluation."""
         found, notes = {}, []
         for run in self.runs:
             try:
-                layers = viz.read_layer_metrics(run)
+                evaluation = RunDir.existing(run).layer_evaluation()
             except (OSError, ValueError) as err:
                 notes.append(f"{run_label(run)}: {err}")
                 continue
-            if layers is None:
-                notes.append(f"{run_label(run)}: no layer evaluation yet ({viz.LAYER_EVAL_FILE} or "
-                             f"`m2f eval RUN --layers all`)")
-            else:
-                found[run] = layers
+            if evaluation is None:
+                notes.append(f"{run_label(run)}: no layer evaluation of its checkpoint yet "
+                             f"(`m2f eval RUN --layers all`, or the Proposals tab's button for a few images)")
+                continue
+            found[run] = evaluation.metrics["layers"]
+            if evaluation.is_partial:
+                notes.append(f"{run_label(run)}: per-layer numbers on only {evaluation.num_images} validation "
+                             f"images (the Proposals tab's evaluation), not the run's metrics; "
+                             f"`m2f eval RUN --layers all` evaluates the whole split")
+            elif not evaluation.checkpoint_present:
+                notes.append(f"{run_label(run)}: numbers recorded with a checkpoint that is not on this machine")
         return found, notes
 
     def layer_plot(self) -> tuple[hv.Overlay | None, list[str]]:
@@ -73,7 +77,7 @@ class LayerMetrics(param.Parameterized):
         found, notes = self.layers()
         curves = []
         for run, layers in found.items():
-            values = viz.layer_curves(layers).get(self.metric)
+            values = layer_curves(layers).get(self.metric)
             if values is None:
                 notes.append(f"{run_label(run)}: its layer evaluation has no {self.metric}")
                 continue
@@ -107,7 +111,7 @@ class LayerMetrics(param.Parameterized):
         train_curves, val_curves, notes = [], [], []
         for run in self.runs:
             try:
-                train, val = viz.read_metrics(run)
+                train, val = RunDir.existing(run).read_metrics()
             except (OSError, ValueError) as err:
                 notes.append(f"{run_label(run)}: {err}")
                 continue

@@ -3,13 +3,12 @@
 A grid shows all Q queries of one prediction set (set 0: from the learnable queries, set i: after
 decoder layer i) with class and score; clicking a tile (or the query widget) follows that query
 through all prediction sets. AR@100 per prediction set (class-agnostic proposal recall, paper Fig. 3)
-comes from RUN/proposals_eval.json, or is computed on a few validation images with the button.
+comes from the run's evaluation of every prediction set (`m2f.run_dir`: the full one when there is one),
+or is computed on a few validation images with the button (and then titled as partial).
 
     panel serve dashboards/proposals.py --args RUN_DIR
 """
 
-import sys
-from pathlib import Path
 from typing import Any
 
 import holoviews as hv
@@ -17,11 +16,8 @@ import numpy as np
 import panel as pn
 import param
 
-if __package__ in (None, ""):
-    # `panel serve dashboards/<file>.py` runs this file as a script: make the repository importable.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dashboards.common import (
+# dashboards/common.py: `panel serve` runs a dashboard with its own folder first on sys.path.
+from common import (
     ImagePicker,
     alert,
     extensions,
@@ -31,7 +27,11 @@ from dashboards.common import (
     run_label,
     runs_from_args,
 )
-from m2f import viz
+
+from m2f.capture import Capture, forward
+from m2f.inference import evaluate_run
+from m2f.overlay import mosaic, query_tiles
+from m2f.run_dir import RunDir, layer_curves
 
 
 class ProposalsExplorer(param.Parameterized):
@@ -67,17 +67,17 @@ class ProposalsExplorer(param.Parameterized):
         self.prediction = min(self.prediction, cfg.model.dec_layers)
         self.query = min(self.query, cfg.model.num_queries - 1)
 
-    def capture(self) -> viz.Capture:
+    def capture(self) -> Capture:
         if self.run is None:
             raise ValueError("no run given: start with `m2f dashboard RUN_DIR` (or pass runs=[...])")
         image, _ = self.picker.image(self.run)
-        return viz.forward(self.run, image)
+        return forward(self.run, image)
 
     @staticmethod
     def _tiles(tiles: list[np.ndarray], titles: list[str], columns: int, group: str
                ) -> tuple[hv.RGB, hv.Labels, list[tuple[int, int]], tuple[int, int]]:
         """A mosaic of tiles with a title at each tile's top-left corner (plot coordinates = mosaic pixels)."""
-        grid, corners = viz.mosaic(tiles, columns=columns)
+        grid, corners = mosaic(tiles, columns=columns)
         h, w = grid.shape[:2]
         labels = hv.Labels([(left + 1, h - top - 1, t) for (top, left), t in zip(corners, titles)],
                            kdims=["gx", "gy"]).opts(text_font_size="7pt", text_color="white",
@@ -92,7 +92,7 @@ class ProposalsExplorer(param.Parameterized):
             raise IndexError(f"prediction set {self.prediction} is outside 0..{cap.num_layers}")
         classes, scores = cap.classes(self.prediction)
         titles = [f"q{q} c{c} {s:.2f}" for q, (c, s) in enumerate(zip(classes, scores))]
-        rgb, labels, corners, (th, tw) = self._tiles(viz.query_tiles(cap, prediction=self.prediction),
+        rgb, labels, corners, (th, tw) = self._tiles(query_tiles(cap, prediction=self.prediction),
                                                      titles, self.columns, "Proposals")
         tap = hv.streams.Tap(source=rgb, transient=True)
         height = rgb.data.shape[0]
@@ -116,7 +116,7 @@ class ProposalsExplorer(param.Parameterized):
         for p in range(cap.num_layers + 1):
             classes, scores = cap.classes(p)
             titles.append(f"{'init' if p == 0 else f'L{p}'} c{classes[self.query]} {scores[self.query]:.2f}")
-        rgb, labels, _, _ = self._tiles(viz.query_tiles(cap, query=self.query), titles,
+        rgb, labels, _, _ = self._tiles(query_tiles(cap, query=self.query), titles,
                                         cap.num_layers + 1, "Track")
         return (rgb * labels).opts(title=f"query {self.query} through the layers", xaxis=None, yaxis=None,
                                    **frame(*rgb.data.shape[:2], size=900))
@@ -125,7 +125,7 @@ class ProposalsExplorer(param.Parameterized):
     def _evaluate(self) -> None:
         self._eval_error = None
         try:
-            viz.evaluate_layers(self.run, max_images=self.eval_images)
+            evaluate_run(RunDir.existing(self.run), layers="all", proposals=True, max_images=self.eval_images)
         except Exception as err:  # shown in the recall view
             self._eval_error = err
 
@@ -135,15 +135,16 @@ class ProposalsExplorer(param.Parameterized):
         Raises:
             FileNotFoundError: the run has no layer evaluation yet.
         """
-        layers = viz.read_layer_metrics(self.run)
-        if layers is None:
-            raise FileNotFoundError(f"{run_label(self.run)} has no {viz.LAYER_EVAL_FILE} yet: press "
-                                    f"'Compute AR@100 per layer' (evaluates {self.eval_images} validation images)")
-        curves = viz.layer_curves(layers)
-        if "AR@100" not in curves:
-            raise ValueError("the layer evaluation has no proposal recall (it was run without proposals=True)")
+        evaluation = RunDir.existing(self.run).layer_evaluation(proposals=True)
+        if evaluation is None:
+            raise FileNotFoundError(f"{run_label(self.run)} has no per-layer evaluation with proposal recall "
+                                    f"of its checkpoint yet: press 'Compute AR@100 per layer' (evaluates "
+                                    f"{self.eval_images} validation images)")
+        curves = layer_curves(evaluation.metrics["layers"])
+        note = evaluation.describe()
         return hv.Curve(list(enumerate(curves["AR@100"])), "prediction set", "AR@100").opts(
-            title="class-agnostic AR@100 per prediction set", width=420, height=260, tools=["hover"],
+            title="class-agnostic AR@100 per prediction set" + (f" ({note})" if note else ""), width=420,
+            height=260, tools=["hover"],
             show_grid=True) * hv.Scatter(list(enumerate(curves["AR@100"])), "prediction set", "AR@100").opts(size=6)
 
     @param.depends("run", "prediction", "columns", "picker.source", "picker.image_index")

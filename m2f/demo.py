@@ -23,6 +23,7 @@ def main_job(out: Path, *, iters: int = 0) -> list[Path]:
         iters: >0 replaces the tiny scale's 500 training iterations per row (smoke runs).
     """
     from m2f.reproduce import reproduce
+    from m2f.run_dir import RunDir
 
     start = time.perf_counter()
     reports = []
@@ -35,6 +36,7 @@ def main_job(out: Path, *, iters: int = 0) -> list[Path]:
         print(report.read_text())
     print(f"tables:     {', '.join(str(r) for r in reports[1:])} (and .csv, .html)")
     print(f"notebooks:  {out}/rows/*/*.ipynb, {out}/figures/*/*.ipynb, {out}/quickstart/00_quickstart.ipynb (executed)")
-    print(f"runs:       {out}/rows/*/run (config.json, metrics.jsonl, checkpoint.pth, eval_layers.json)")
+    files = ", ".join((RunDir.CONFIG, RunDir.METRICS, RunDir.CHECKPOINT, RunDir.EVALUATIONS))
+    print(f"runs:       {out}/rows/*/run ({files})")
     print(f"dashboards: .venv/bin/m2f dashboard {out}/rows/panoptic-mask2former/run {out}/rows/panoptic-cross_attention/run")
     return reports

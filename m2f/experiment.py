@@ -3,14 +3,13 @@
 The notebooks in notebooks/ are thin drivers around `run_experiment`; `m2f reproduce` collects
 the summaries it returns. Every step is resumable: a finished run is not trained again (its
 checkpoint is at `train.max_iters`), an interrupted one continues from its last checkpoint, and the
-evaluation is cached next to the checkpoint (RUN/eval_layers.json, which the dashboards read too).
+evaluation is cached in the run's evaluation cache (RUN/evaluations.json, which the dashboards read too).
 
     >>> cfg = get_config("tiny", ["data.root=data/synthetic", "model.attention=cross"])
     >>> summary = run_experiment(cfg, run_dir="runs/cross")
     >>> summary["PQ"], summary["layers"]["PQ"]        # final PQ, PQ of every prediction set (0-100)
 """
 
-import json
 import shlex
 import subprocess
 import sys
@@ -18,11 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from m2f.config import Config
-
-EVAL_FILE = "eval_layers.json"
-# The headline numbers of the paper's tables: name -> (task section of the metrics, key).
-HEADLINE = {"PQ": ("panoptic", "PQ"), "PQ_th": ("panoptic", "PQ_th"), "PQ_st": ("panoptic", "PQ_st"),
-            "AP": ("instance", "AP"), "mIoU": ("semantic", "mIoU"), "AR@100": ("proposals", "AR@100")}
+from m2f.run_dir import RunDir, headline, layer_curves
 
 
 def run_experiment(cfg: Config, *, run_dir: str | Path, layers: str = "all", proposals: bool = True,
@@ -31,7 +26,7 @@ def run_experiment(cfg: Config, *, run_dir: str | Path, layers: str = "all", pro
 
     Args:
         cfg: the experiment (`cfg.data.root` must hold the dataset).
-        run_dir: the run directory (config.json, metrics.jsonl, checkpoint.pth, eval_layers.json).
+        run_dir: the run directory (`m2f.run_dir.RunDir`: config, metrics log, checkpoint, evaluations).
         layers: "all" evaluates every prediction set (Fig. II, Fig. 3), "final" only the last.
         proposals: also class-agnostic AR@100 of the mask proposals (Fig. 3).
         nproc_per_node: >1 trains under `torchrun` with that many processes (GPUs) on this node;
@@ -53,32 +48,15 @@ def run_experiment(cfg: Config, *, run_dir: str | Path, layers: str = "all", pro
 
 def evaluate_run(run_dir: str | Path, *, layers: str = "all", proposals: bool = True,
                  progress: bool = True) -> dict[str, Any]:
-    """Metrics of a run's checkpoint on its validation split, cached in RUN/eval_layers.json.
-
-    The cache is used when it was computed for the same checkpoint file (its modification time),
-    layers and proposals.
+    """Metrics of a run's checkpoint on its validation split (the run's own `data.max_val_images`),
+    from the run's evaluation cache when it has them for this checkpoint (`m2f.inference.evaluate_run`).
 
     Raises:
         FileNotFoundError: the run has no checkpoint.
     """
-    from m2f.inference import evaluate, load_run
+    from m2f.inference import evaluate_run as evaluate_cached
 
-    run = Path(run_dir)
-    checkpoint = run / "checkpoint.pth"
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"{run} has no checkpoint.pth: train it first")
-    cache = run / EVAL_FILE
-    key = {"checkpoint_mtime_ns": checkpoint.stat().st_mtime_ns, "layers": layers, "proposals": proposals}
-    if cache.is_file():
-        data = json.loads(cache.read_text())
-        if data.get("key") == key:
-            return data["metrics"]
-    model, cfg = load_run(run)
-    metrics = evaluate(model, cfg, layers=layers, proposals=proposals, progress=progress)
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "config": cfg.to_dict(), "metrics": metrics}, indent=1, default=str))
-    tmp.replace(cache)
-    return metrics
+    return evaluate_cached(run_dir, layers=layers, proposals=proposals, progress=progress)
 
 
 def summarize(run_dir: str | Path, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -89,18 +67,12 @@ def summarize(run_dir: str | Path, metrics: dict[str, Any]) -> dict[str, Any]:
         prediction set]} (when all sets were evaluated), "train": {"iterations", "final_loss",
         "images_per_s", "minutes", "peak_memory_mb"}, "parameters", "num_images", "run_dir"}.
     """
-    from m2f.viz import layer_curves, read_metrics
-
-    run = Path(run_dir)
-    out: dict[str, Any] = {}
-    for name, (task, key) in HEADLINE.items():
-        value = metrics.get(task, {}).get(key)
-        if isinstance(value, (int, float)):
-            out[name] = 100.0 * float(value)
+    run = RunDir.at(run_dir)
+    out: dict[str, Any] = headline(metrics)
     if "layers" in metrics:
         out["layers"] = layer_curves(metrics["layers"])
-    records, evals = read_metrics(run)
-    info = json.loads((run / "run_info.json").read_text())
+    records, evals = run.read_metrics()
+    info = run.read_run_info()
     out["train"] = {
         "iterations": records[-1]["iteration"] if records else 0,
         "final_loss": records[-1]["loss"] if records else None,
@@ -110,7 +82,7 @@ def summarize(run_dir: str | Path, metrics: dict[str, Any]) -> dict[str, Any]:
     }
     out["parameters"] = info.get("parameters")
     out["num_images"] = metrics.get("num_images")
-    out["run_dir"] = str(run)
+    out["run_dir"] = str(Path(run_dir))
     return out
 
 

@@ -13,23 +13,24 @@ import torch
 from m2f.checkpoint import load
 from m2f.config import Config, from_dict
 from m2f.model import Mask2Former, build_model
+from m2f.run_dir import RunDir
 
 
 def load_run(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[Mask2Former, Config]:
-    """Loads the model and config of a run directory (its checkpoint.pth) or of a checkpoint file.
+    """Loads the model and config of a run directory (its checkpoint) or of a checkpoint file.
 
     Raises:
         FileNotFoundError: neither a checkpoint file nor a run directory with one.
         ValueError: the checkpoint does not fit the model its own config builds.
     """
-    path = Path(path)
-    ckpt = path / "checkpoint.pth" if path.is_dir() else path
-    if path.is_dir() and not ckpt.is_file():
-        raise FileNotFoundError(f"{path} has no checkpoint.pth yet (is the run still starting?)")
+    ckpt = RunDir.at(path).require_checkpoint()
     state = load(ckpt)
     if "config" not in state or "model" not in state:
         raise ValueError(f"{ckpt} is not an m2f checkpoint (keys: {sorted(state)[:6]})")
-    cfg = from_dict(state["config"])
+    try:
+        cfg = from_dict(state["config"])
+    except (TypeError, AttributeError) as err:  # a config dict of the wrong shape
+        raise ValueError(f"{ckpt} holds a config that is not an m2f config ({err})") from err
     model = build_model(cfg)
     try:
         model.load_state_dict(state["model"])
@@ -178,13 +179,39 @@ def _proposals(preds: dict[str, torch.Tensor], sizes: dict[str, Any]) -> tuple[t
     return masks.cpu(), scores.cpu()
 
 
+def evaluate_run(path: str | Path, *, cfg: Config | None = None, split: str | None = None, layers: str = "final",
+                 max_images: int | None = None, proposals: bool = False, progress: bool = False) -> dict[str, Any]:
+    """`evaluate` of a run's checkpoint, served from the run's evaluation cache when it holds exactly
+    this evaluation of this checkpoint, else computed and recorded there (see `m2f.run_dir`).
+
+    Args:
+        path: run directory or checkpoint file.
+        cfg: the checkpoint's config with evaluation overrides (other data root, task); default its own.
+        split, layers, max_images, proposals, progress: as `evaluate`'s.
+
+    Raises:
+        FileNotFoundError: no run or no checkpoint.
+    """
+    run = RunDir.at(path)
+    model, saved = run.load()
+    cfg = cfg or saved
+    key = run.evaluation_key(cfg, split=split, max_images=max_images, layers=layers, proposals=proposals)
+    metrics = run.cached_evaluation(key)
+    if metrics is None:
+        metrics = evaluate(model, cfg, split=split, layers=layers, max_images=max_images, proposals=proposals,
+                           progress=progress)
+        metrics = run.record_evaluation(key, metrics)  # what a later call gets from the cache
+    return metrics
+
+
 def evaluate_checkpoint(path: str | Path, *, data: str | None = None, task: str | None = None,
                         layers: str = "final", max_images: int = 0, out: str | Path | None = None) -> dict[str, Any]:
-    """`m2f eval`: loads a run or checkpoint, evaluates it and writes the metrics JSON next to it."""
+    """`m2f eval`: evaluates a run or checkpoint (through the run's evaluation cache) and writes the
+    metrics JSON to `out` (default RUN/eval_<task>.json), a report for people and scripts."""
     import dataclasses
     import json
 
-    model, cfg = load_run(path)
+    _, cfg = RunDir.at(path).load()
     overrides = {}
     if data:
         overrides["root"] = data
@@ -194,8 +221,7 @@ def evaluate_checkpoint(path: str | Path, *, data: str | None = None, task: str 
     if task:
         cfg = dataclasses.replace(cfg, test=dataclasses.replace(
             cfg.test, panoptic_on=task == "panoptic", instance_on=task == "instance", semantic_on=task == "semantic"))
-    metrics = evaluate(model, cfg, layers=layers, max_images=max_images or None, progress=True)
-    base = Path(path) if Path(path).is_dir() else Path(path).parent
-    target = Path(out) if out else base / f"eval_{task or cfg.data.task}.json"
+    metrics = evaluate_run(path, cfg=cfg, layers=layers, max_images=max_images or None, progress=True)
+    target = Path(out) if out else RunDir.at(path).root / f"eval_{task or cfg.data.task}.json"
     target.write_text(json.dumps({"config": cfg.to_dict(), "metrics": metrics}, indent=2, default=str))
     return metrics

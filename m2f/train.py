@@ -24,37 +24,16 @@ from tqdm import tqdm
 from m2f import distributed as dist
 from m2f.checkpoint import load, rng_state, save_atomic, set_rng_state
 from m2f.config import Config, from_dict
-from m2f.criterion import SetCriterion
+from m2f.criterion import build_criterion
 from m2f.data.loader import build_train_loader, pad_targets
-from m2f.matcher import HungarianMatcher
 from m2f.memory import PeakMemory
 from m2f.model import build_model, count_parameters
 from m2f.optim import build_optimizer, build_scheduler, lr_factor
+from m2f.run_dir import RunDir
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pth"
-METRICS = "metrics.jsonl"
-
-
-def build_criterion(cfg: Config) -> SetCriterion:
-    """The matcher and the loss from `cfg.loss` (weights 2/5/5, 12544 importance-sampled points)."""
-    c = cfg.loss
-    matcher = HungarianMatcher(cost_class=c.class_weight, cost_mask=c.mask_weight, cost_dice=c.dice_weight,
-                               num_points=c.num_points, point_matching=c.point_matching)
-    return SetCriterion(num_classes=cfg.model.num_classes, matcher=matcher, class_weight=c.class_weight,
-                        mask_weight=c.mask_weight, dice_weight=c.dice_weight, no_object_weight=c.no_object_weight,
-                        num_points=c.num_points, oversample_ratio=c.oversample_ratio,
-                        importance_sample_ratio=c.importance_sample_ratio, point_loss=c.point_loss,
-                        deep_supervision=c.deep_supervision)
-
-
-def supervised_outputs(outputs: dict[str, Any], query_features: str) -> dict[str, Any]:
-    """The prediction sets the loss sees: prediction #0 (from the initial query features) is supervised
-    only for "learnable_supervised" (Table XI b: learnable w/o supervision and DETR's zero init skip it)."""
-    if query_features == "learnable_supervised":
-        return outputs
-    return {**outputs, "aux_outputs": outputs["aux_outputs"][1:]}
+CHECKPOINT = RunDir.CHECKPOINT
 
 
 def train(cfg: Config, *, out_dir: str | Path, resume: bool = False, progress: bool = True,
@@ -86,6 +65,8 @@ def train(cfg: Config, *, out_dir: str | Path, resume: bool = False, progress: b
     elif resume:
         logger.warning("--resume: no %s in %s, starting from scratch", CHECKPOINT, run)
 
+    if dist.is_main():  # a fresh run starts a fresh log; a resumed one drops what came after its checkpoint
+        RunDir.at(run).start_metrics_log(resume_iteration=start_iter if start_iter else None)
     loader = build_train_loader(cfg, rank=dist.rank(), world_size=dist.world_size(), start_iter=start_iter)
     _write_run_info(run, cfg, model, loader, start_iter)
     ddp = DistributedDataParallel(model) if dist.world_size() > 1 else model
@@ -105,7 +86,7 @@ def train(cfg: Config, *, out_dir: str | Path, resume: bool = False, progress: b
             outputs = ddp([im.to(device) for im in images])
         targets = pad_targets(targets, outputs["padded_size"], device)
         try:
-            losses = criterion(supervised_outputs(outputs, cfg.model.query_features), targets)
+            losses = criterion(outputs, targets)
             if not torch.isfinite(losses["loss"]):
                 terms = {k: v.item() for k, v in losses.items() if not math.isfinite(v.item())}
                 raise FloatingPointError(f"non-finite loss terms {terms}; lower train.lr or disable train.amp.")
@@ -115,7 +96,7 @@ def train(cfg: Config, *, out_dir: str | Path, resume: bool = False, progress: b
         loss = losses["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm, foreach=True)
         optimizer.step()
         scheduler.step()
         bar.update(1)
@@ -158,8 +139,7 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
 
 def _append_metrics(run: Path, record: dict[str, Any]) -> None:
     if dist.is_main():
-        with open(run / METRICS, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        RunDir.at(run).append_metrics(record)
 
 
 def _checkpoint(run: Path, cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -204,7 +184,7 @@ def _write_run_info(run: Path, cfg: Config, model: torch.nn.Module, loader: Any,
     info = {"config": cfg.to_dict(), "git_revision": _git_revision(), "parameters": count_parameters(model),
             "world_size": dist.world_size(), "start_iteration": start_iter, "train_images": len(loader.dataset),
             "torch": torch.__version__}
-    (run / "config.json").write_text(cfg.to_json())
-    (run / "run_info.json").write_text(json.dumps(info, indent=2))
+    RunDir.at(run).config_file.write_text(cfg.to_json())
+    RunDir.at(run).run_info_file.write_text(json.dumps(info, indent=2))
     print(f"m2f train: {cfg.name} -> {run}\n  git {info['git_revision']}, {info['parameters'] / 1e6:.2f}M parameters, "
           f"{info['train_images']} training images, {dist.world_size()} process(es)\n{cfg.to_json()}", flush=True)

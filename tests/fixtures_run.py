@@ -2,7 +2,7 @@
 
 `make_runs(root)` writes two runs over the same data, one with masked attention and one with standard
 cross-attention (what the dashboards compare), each with config.json, metrics.jsonl, checkpoint.pth and
-a per-layer evaluation (proposals_eval.json) on the validation images, plus "init": the masked model
+a per-layer evaluation with proposal recall (in evaluations.json) on the validation images, plus "init": the masked model
 before training. A few steps of training leave every mask empty (so every query attends everywhere);
 the random initial model has non-empty masks, which the masked-attention checks need.
 """
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from m2f import viz
 from m2f.checkpoint import save_atomic
 from m2f.config import get_config
 from m2f.data.synthetic import generate
+from m2f.inference import evaluate_run
 from m2f.model import build_model
 from m2f.train import train
 
@@ -34,7 +34,7 @@ def make_runs(root: Path, *, iterations: int = ITERATIONS, batch_size: int = 1) 
                                   f"train.batch_size={batch_size}"])
         runs[attention] = root / attention
         train(cfg, out_dir=runs[attention], progress=False)
-        viz.evaluate_layers(runs[attention], max_images=2)
+        evaluate_run(runs[attention], layers="all", proposals=True, max_images=2)
         if attention == "masked":
             runs["init"] = root / "init"
             runs["init"].mkdir()

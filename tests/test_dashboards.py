@@ -2,7 +2,6 @@
 cross-attention), what they render (HoloViews data, Bokeh models) and their messages for bad input."""
 
 import io
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -16,16 +15,19 @@ from bokeh.models import GlyphRenderer
 from bokeh.models import Image as ImageGlyph
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds dashboards/
+# The dashboards are scripts that import each other by module name (as under `panel serve`).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dashboards"))
 
+from app import build_app
+from attention import AttentionExplorer
 from fixtures_run import ITERATIONS, make_runs
+from layer_metrics import LayerMetrics
+from proposals import ProposalsExplorer
 
-from dashboards.app import build_app
-from dashboards.attention import AttentionExplorer
-from dashboards.layer_metrics import LayerMetrics
-from dashboards.proposals import ProposalsExplorer
-from m2f import viz
+from m2f.capture import MASK_STRIDE, decode_upload, forward
 from m2f.checkpoint import load, save_atomic
+from m2f.overlay import colorize, mosaic
+from m2f.run_dir import RunDir
 
 hv.extension("bokeh")
 
@@ -69,7 +71,7 @@ def test_changing_query_layer_and_head_changes_the_attention_map(explorer):
     assert by_layer.shape[0] > by_query.shape[0]  # a finer level has more rows
     assert not np.allclose(by_layer, by_head)
     # The mean over heads is what "mean" shows (hand-computed from the captured weights).
-    cap = viz.forward(explorer.run, explorer.picker.image(explorer.run)[0])
+    cap = forward(explorer.run, explorer.picker.image(explorer.run)[0])
     heads = [cap.attention(2, 1, h)[0] for h in range(cap.num_heads)]
     np.testing.assert_allclose(np.mean(heads, 0), by_layer, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(heads[0], by_head)
@@ -92,7 +94,7 @@ def test_masked_attention_is_zero_outside_its_attention_mask(runs):
 
 
 def test_attention_mass_is_the_fraction_of_weights_inside_the_region(explorer):
-    cap = viz.forward(explorer.run, explorer.picker.image(explorer.run)[0])
+    cap = forward(explorer.run, explorer.picker.image(explorer.run)[0])
     region = np.zeros(cap.padded_size, bool)
     region[: cap.padded_size[0] // 2] = True  # the top half; at 1/32 whole rows of cells
     h, w = cap.level_shapes[0][0]
@@ -138,17 +140,17 @@ def test_proposals_grid_track_and_click(runs):
     track = view.track()
     assert len(track.get(1).data) == view.capture().num_layers + 1
     # Clicking the third tile of the first row follows query 2.
-    _, tile_w = view.capture().valid_cells(viz.MASK_STRIDE)
+    _, tile_w = view.capture().valid_cells(MASK_STRIDE)
     grid, tap = view.grid()
     height = grid.get(0).data.shape[0]
     tap.event(x=2 * (tile_w + 2) + 1, y=height - 1)
     assert view.query == 2
 
 
-def test_proposals_recall_per_layer_comes_from_the_evaluation_file(runs):
+def test_proposals_recall_per_layer_comes_from_the_evaluation_cache(runs):
     view = ProposalsExplorer(runs=[str(runs["masked"])])
     curve = view.recall().get(0)
-    stored = json.loads((runs["masked"] / viz.LAYER_EVAL_FILE).read_text())["metrics"]["layers"]
+    stored = RunDir.at(runs["masked"]).layer_evaluation(proposals=True).metrics["layers"]
     expected = [100 * s["proposals"]["AR@100"] for s in stored]
     assert len(expected) == 10
     np.testing.assert_allclose(curve.dimension_values(1), expected)
@@ -159,7 +161,7 @@ def test_layer_metrics_curves_classes_and_training(runs):
     overlay, notes = view.layer_plot()
     curves = [e for e in overlay if isinstance(e, hv.Curve)]
     assert not notes and len(curves) == 2 and all(len(c) == 10 for c in curves)
-    stored = json.loads((runs["cross"] / viz.LAYER_EVAL_FILE).read_text())["metrics"]["layers"]
+    stored = RunDir.at(runs["cross"]).layer_evaluation().metrics["layers"]
     np.testing.assert_allclose(curves[1].dimension_values(1), [100 * s["panoptic"]["PQ"] for s in stored])
     bars, _ = view.class_plot()
     assert len(bars) == 2 * len(stored[-1]["panoptic"]["per_class"])
@@ -224,16 +226,18 @@ def test_app_has_three_tabs_and_renders(runs):
     assert alerts(build_app([]))  # no runs: says how to start
 
 
-def test_viz_helpers():
-    rgb, notes = viz.as_rgb(np.zeros((4, 5), np.uint8))
-    assert rgb.shape == (4, 5, 3) and notes
-    with pytest.raises(ValueError, match="must be"):
-        viz.as_rgb(np.zeros((4, 5, 2)))
+def test_upload_decoding_and_overlay_helpers():
+    rgb, notes = decode_upload(png_bytes(np.zeros((4, 5), np.uint8)), name="gray.png")
+    assert rgb.shape == (4, 5, 3) and rgb.dtype == np.uint8 and "grayscale" in notes[0]
+    rgba, notes = decode_upload(png_bytes(np.zeros((4, 5, 4), np.uint8)), name="alpha.png")
+    assert rgba.shape == (4, 5, 3) and "alpha channel" in notes[0]
+    with pytest.raises(ValueError, match="not an image file"):
+        decode_upload(b"not an image", name="notes.txt")
     labels = np.array([[0, 1], [-1, 1]])
-    colours = viz.colorize(labels)
+    colours = colorize(labels)
     assert (colours[1, 0] == 0).all() and (colours[0, 1] == colours[1, 1]).all()
     assert not (colours[0, 0] == colours[0, 1]).all()
-    grid, corners = viz.mosaic([np.zeros((3, 4, 3), np.uint8)] * 5, columns=2)
+    grid, corners = mosaic([np.zeros((3, 4, 3), np.uint8)] * 5, columns=2)
     assert grid.shape == (3 * 3 + 2 * 2, 2 * 4 + 2, 3) and corners[3] == (5, 6)
 
 
@@ -241,6 +245,6 @@ def test_runs_of_a_copied_checkpoint_file_work(runs, tmp_path):
     ckpt = tmp_path / "copy.pth"
     shutil.copy(runs["masked"] / "checkpoint.pth", ckpt)
     explorer = AttentionExplorer(runs=[str(ckpt)])
-    cap_a = viz.forward(ckpt, explorer.picker.image(str(ckpt))[0])
-    cap_b = viz.forward(runs["masked"], explorer.picker.image(str(ckpt))[0])
+    cap_a = forward(ckpt, explorer.picker.image(str(ckpt))[0])
+    cap_b = forward(runs["masked"], explorer.picker.image(str(ckpt))[0])
     assert torch.allclose(torch.from_numpy(cap_a.mask_probs), torch.from_numpy(cap_b.mask_probs))

@@ -7,6 +7,7 @@ are returned with their raw values (no colour conversion).
 """
 
 import contextlib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,28 @@ def read_image(path: str | Path) -> np.ndarray:
         DatasetError: the file cannot be decoded or has an unsupported mode (e.g. float "F").
     """
     path = Path(path)
-    image = _open(path, "image")
+    return _rgb(_open(path, "image"), path)
+
+
+def decode_image(data: bytes, *, name: str = "upload") -> tuple[np.ndarray, str]:
+    """Decode image file bytes (an upload) as `read_image` reads a file.
+
+    Returns:
+        (H, W, 3) uint8 RGB, and the file's own mode (e.g. "L", "RGBA"), to say what was converted.
+
+    Raises:
+        DatasetError: the bytes are not an image Pillow can decode (the message names `name`).
+    """
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except _DECODE_ERRORS as err:
+        raise DatasetError(name, f"not an image file Pillow can read ({err})") from err
+    return _rgb(image, Path(name)), image.mode
+
+
+def _rgb(image: Image.Image, path: Path) -> np.ndarray:
+    """A decoded image as RGB uint8 by the rules in the module docstring (`path` names it in errors)."""
     with contextlib.suppress(*_DECODE_ERRORS):  # an unreadable EXIF block is not worth losing the image for
         image = ImageOps.exif_transpose(image)
     if image.mode in _SIXTEEN_BIT_MODES:

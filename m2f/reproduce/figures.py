@@ -12,7 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from m2f.capture import LEVEL_NAMES, MASK_STRIDE, capture, dataset_image
 from m2f.evaluation.attention_mass import AttentionMassMeter, foreground_at_level
+from m2f.overlay import colorize, overlay, palette, resize_rgb
+from m2f.run_dir import RunDir
 
 
 @dataclass
@@ -54,19 +57,15 @@ def _pyplot() -> Any:
 
 
 def _attention_of(run: str | Path) -> str:
-    from m2f.viz import load_run_cached
-
-    return load_run_cached(run)[1].model.attention
+    return RunDir.existing(run).load()[1].model.attention
 
 
 def training_curves(runs: dict[str, str | Path]) -> Any:
     """Training loss and validation PQ against iterations, one line per run."""
-    from m2f.viz import read_metrics
-
     plt = _pyplot()
     fig, (ax_loss, ax_pq) = plt.subplots(1, 2, figsize=(9, 3.2))
     for label, run in runs.items():
-        train, val = read_metrics(run)
+        train, val = RunDir.existing(run).read_metrics()
         ax_loss.plot([r["iteration"] for r in train], [r["loss"] for r in train], label=label)
         ax_pq.plot([r["iteration"] for r in val], [100 * r.get("panoptic/PQ", np.nan) for r in val], marker="o",
                    label=label)
@@ -118,8 +117,6 @@ def figure_layers(runs: dict[str, str | Path]) -> FigureResult:
 def figure_proposals(runs: dict[str, str | Path], *, image_index: int = 0, num_queries: int = 4) -> FigureResult:
     """Fig. 3: class-agnostic AR@100 of the Q mask proposals of every prediction set, and the masks of
     a few learnable queries (prediction set 0, before any decoder layer) on one validation image."""
-    from m2f.viz import capture, dataset_image, load_run_cached, overlay, palette, resize_rgb
-
     summaries = _layer_summaries(runs)
     curves = {label: s["layers"]["AR@100"] for label, s in summaries.items()}
     result = FigureResult(rows={label: {"AR@100": s["AR@100"], "AR@100_layer0": s["layers"]["AR@100"][0]}
@@ -132,10 +129,10 @@ def figure_proposals(runs: dict[str, str | Path], *, image_index: int = 0, num_q
                               "agrees": values[-1] > values[0]})
     label, run = next(iter(runs.items()))
     ref = dataset_image(run, image_index)
-    cap = capture(load_run_cached(run)[0], ref.image)
+    cap = capture(RunDir.existing(run).load()[0], ref.image)
     _, scores = cap.classes(0)
     chosen = np.argsort(-scores)[:num_queries]
-    small = resize_rgb(cap.image, cap.valid_cells(4))
+    small = resize_rgb(cap.image, cap.valid_cells(MASK_STRIDE))
     plt = _pyplot()
     fig, axes = plt.subplots(1, num_queries + 1, figsize=(2.2 * (num_queries + 1), 2.4))
     axes[0].imshow(cap.image)
@@ -163,11 +160,9 @@ def attention_mass_per_level(run: str | Path, *, max_images: int = 50) -> dict[s
     """
     import torch
 
-    from m2f.viz import LEVEL_NAMES, capture, dataset_image, load_run_cached, val_dataset
-
-    model = load_run_cached(run)[0]
+    model = RunDir.existing(run).load()[0]
     meters = {name: AttentionMassMeter() for name in LEVEL_NAMES}
-    for index in range(min(max_images, len(val_dataset(run)))):
+    for index in range(min(max_images, len(RunDir.existing(run).val_dataset()))):
         ref = dataset_image(run, index)
         cap = capture(model, ref.image)
         matches = cap.match_ground_truth(ref.gt_masks)
@@ -188,15 +183,13 @@ def attention_mass_per_level(run: str | Path, *, max_images: int = 50) -> dict[s
 def figure_attention(runs: dict[str, str | Path], *, max_images: int = 50, image_index: int = 0) -> FigureResult:
     """Fig. I: attention maps of the last three decoder layers for the query matched to the largest
     ground-truth segment, and the foreground attention mass per resolution (masked vs cross)."""
-    from m2f.viz import capture, dataset_image, load_run_cached
-
     result = FigureResult(rows={label: attention_mass_per_level(run, max_images=max_images)
                                 for label, run in runs.items()})
     plt = _pyplot()
     fig, axes = plt.subplots(len(runs), 4, figsize=(9, 2.4 * len(runs)), squeeze=False)
     for row_axes, (label, run) in zip(axes, runs.items()):
         ref = dataset_image(run, image_index)
-        cap = capture(load_run_cached(run)[0], ref.image)
+        cap = capture(RunDir.existing(run).load()[0], ref.image)
         matches = cap.match_ground_truth(ref.gt_masks)
         largest = int(np.argmax(ref.gt_masks.reshape(len(ref.gt_masks), -1).sum(1)))
         query = next((q for q, g in matches.items() if g == largest), 0)
@@ -229,11 +222,9 @@ def predictions(run: str | Path, *, image_index: int = 0) -> Any:
     import torch
 
     from m2f.inference import predict
-    from m2f.viz import colorize, dataset_image, load_run_cached, val_dataset
-
-    model, cfg = load_run_cached(run)
+    model, cfg = RunDir.existing(run).load()
     ref = dataset_image(run, image_index)
-    is_thing = [c.isthing for c in val_dataset(run).categories]
+    is_thing = [c.isthing for c in RunDir.existing(run).val_dataset().categories]
     image = torch.from_numpy(ref.image).permute(2, 0, 1)
     gt = np.full(ref.image.shape[:2], -1)
     for g, mask in enumerate(ref.gt_masks):

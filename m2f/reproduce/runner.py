@@ -4,7 +4,7 @@ Layout of the output folder (default results/SCALE)::
 
     data/                          the synthetic dataset (tiny / small scales)
     rows/<task>-<variant>/         one trained row: the executed notebook, metrics.json, params.json,
-                                   figures, and run/ (checkpoint, metrics.jsonl, eval_layers.json)
+                                   figures, and run/ (a `m2f.run_dir.RunDir`: checkpoint, metrics, evaluations)
     figures/<figure>/              a figure's executed notebook, metrics.json and images
     quickstart/                    the executed quickstart notebook
     TABLE.md, TABLE.csv, TABLE.html
@@ -24,6 +24,7 @@ from typing import Any
 from m2f.reproduce.report import RowResult, markdown, row_values, to_csv, to_html
 from m2f.reproduce.scales import SCALES, experiment_config, get_scale, prepare_data
 from m2f.reproduce.tables import ABLATION, TABLES, VARIANTS, Row, Table, get_table
+from m2f.run_dir import RunDir
 
 # The package data m2f/_notebooks (the repository's top-level notebooks/, see pyproject.toml): found the
 # same way in a checkout and in an installed wheel.
@@ -58,7 +59,7 @@ def reproduce(name: str, *, scale: str = "tiny", data: str | Path | None = None,
         folder = out / "quickstart"
         results = [_execute(table.notebook, folder, {"data_dir": str(data_dir), "output_dir": str(folder),
                                                      "max_iters": max_iters, "overrides": extra},
-                            Row("quickstart", None), progress, inputs=[folder / "run" / "checkpoint.pth"])]
+                            Row("quickstart", None), progress, inputs=[RunDir.at(folder / "run").checkpoint])]
         if results[0].status == "done":
             results[0].values = row_values(json.loads((folder / "metrics.json").read_text()), table.metrics)
     else:
@@ -104,7 +105,7 @@ def _run_row(table: Table, row: Row, nproc_per_node: int, common: dict[str, Any]
     notebook = ABLATION if table.kind == "figure" else table.notebook  # a figure's rows are ablation rows
     params = {**common, "task": row.task, "variant": row.variant, "overrides": overrides,
               "output_dir": str(folder), "nproc_per_node": nproc_per_node}
-    result = _execute(notebook, folder, params, row, progress, inputs=[folder / "run" / "checkpoint.pth"])
+    result = _execute(notebook, folder, params, row, progress, inputs=[RunDir.at(folder / "run").checkpoint])
     if result.status == "done":
         result.values = row_values(json.loads((folder / "metrics.json").read_text()), table.metrics)
     return result

@@ -1,16 +1,14 @@
-"""What the dashboards (and notebooks) show, computed without any UI: cached run loading and forward
-passes, per-layer masks and cross-attention maps, attention mass, mask colouring and metric files.
+"""What the model saw and attended to, as numpy arrays: `capture` runs a model with capture on and
+returns per-layer masks, class probabilities, cross-attention weights and attention masks, with the
+geometry that places each of them on the image; `forward` does that for a run, cached.
 
-The Panel apps in `dashboards/` only choose what to look at; everything here works on numpy arrays
-and can be tested (and used in a notebook) on its own. Coordinates: every array that is drawn comes
-with `bounds` (left, bottom, right, top) in the pixels of the image the model saw, so masks at 1/4
-and attention at 1/32..1/8 resolution line up with the image when plotted together.
+Coordinates: every array that is drawn comes with `bounds` (left, bottom, right, top) in the pixels of
+the image the model saw, so masks at 1/4 and attention at 1/32..1/8 resolution line up with the image
+when plotted together. No UI here: the dashboards, the figure functions and notebooks all use it.
 """
 
 import functools
 import hashlib
-import io
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,96 +16,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from scipy.optimize import linear_sum_assignment
 
 from m2f.config import Config
 from m2f.evaluation.attention_mass import AttentionMassMeter, foreground_at_level
 from m2f.model import Mask2Former
+from m2f.run_dir import RunDir
 
 LEVEL_NAMES = ("1/32", "1/16", "1/8")
 LEVEL_STRIDES = (32, 16, 8)
 MASK_STRIDE = 4
-LAYER_EVAL_FILE = "proposals_eval.json"
 Bounds = tuple[float, float, float, float]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Runs
-
-
-def check_run(path: str | Path) -> Path:
-    """The run directory (or checkpoint file) `path`, or a clear error when it is not there.
-
-    Raises:
-        FileNotFoundError: nothing at `path`.
-    """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"run {path} does not exist (give a run directory made by `m2f train` "
-                                f"or a checkpoint file)")
-    return path
-
-
-def run_dir(path: str | Path) -> Path:
-    """The directory holding a run's files, for a run directory or a checkpoint file inside one."""
-    path = check_run(path)
-    return path if path.is_dir() else path.parent
-
-
-def _checkpoint_key(path: str | Path) -> tuple[str, int]:
-    """(resolved checkpoint path, modification time): the cache key of everything computed from a run,
-    so a run still training that writes a new checkpoint is reloaded."""
-    path = check_run(path)
-    ckpt = path / "checkpoint.pth" if path.is_dir() else path
-    if not ckpt.is_file():
-        found = "only metrics.jsonl" if (path / "metrics.jsonl").is_file() else "no files of a run"
-        raise FileNotFoundError(f"{path} has no checkpoint.pth yet ({found}); the run may still be "
-                                f"starting: wait for its first checkpoint (train.checkpoint_period)")
-    return str(ckpt.resolve()), ckpt.stat().st_mtime_ns
-
-
-def load_run_cached(path: str | Path) -> tuple[Mask2Former, Config]:
-    """`m2f.inference.load_run`, cached per checkpoint file and modification time.
-
-    Raises:
-        FileNotFoundError: no run or no checkpoint yet.
-        ValueError: the checkpoint does not fit its config, or is not an m2f checkpoint.
-    """
-    return _load_run(*_checkpoint_key(path))
-
-
-@functools.lru_cache(maxsize=4)
-def _load_run(ckpt: str, mtime_ns: int) -> tuple[Mask2Former, Config]:
-    from m2f.inference import load_run
-
-    return load_run(ckpt)
-
-
-@functools.lru_cache(maxsize=4)
-def _val_dataset(ckpt: str, mtime_ns: int) -> Any:
-    from m2f.data import build_dataset, build_test_transforms
-
-    _, cfg = _load_run(ckpt, mtime_ns)
-    d = cfg.data
-    if not d.root or not Path(d.root).exists():
-        raise FileNotFoundError(f"the run's dataset root {d.root!r} (data.root) is not on this machine; "
-                                f"upload an image instead")
-    transforms = build_test_transforms(size=d.test_size, max_size=d.test_max_size)
-    return build_dataset(d.format, d.root, d.val_split, task=d.task, transforms=transforms)
-
-
-def val_dataset(path: str | Path) -> Any:
-    """The validation split of a run's dataset with the run's test-time resize (cached).
-
-    Raises:
-        FileNotFoundError: no checkpoint, or the dataset is not on this machine.
-    """
-    return _val_dataset(*_checkpoint_key(path))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Images
 
 
 @dataclass(frozen=True)
@@ -136,47 +55,22 @@ class ImageRef:
         return cls(digest, image, name, gt_masks, gt_labels)
 
 
-def as_rgb(array: np.ndarray, *, name: str = "image") -> tuple[np.ndarray, list[str]]:
-    """Any common image array as (H, W, 3) uint8 RGB, and notes about what was converted.
-
-    Args:
-        array: (H, W) grayscale, (H, W, 1), (H, W, 3) RGB or (H, W, 4) RGBA; uint8, bool or float in [0, 1].
+def decode_upload(data: bytes, *, name: str = "upload") -> tuple[np.ndarray, list[str]]:
+    """Uploaded image bytes (PNG, JPEG, ...) as (H, W, 3) uint8 RGB, converted as dataset images are
+    (`m2f.data.image_io`), with notes saying what was converted.
 
     Raises:
-        ValueError: another shape, or an empty image.
+        ValueError: the bytes are not an image Pillow can read (a `DatasetError` naming the upload).
     """
+    from m2f.data.image_io import decode_image
+
+    array, mode = decode_image(data, name=name)
     notes = []
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[..., 0]
-    if array.ndim == 2:
+    if mode in ("1", "L", "LA") or mode.startswith("I"):
         notes.append(f"{name} is grayscale; shown and run as RGB with equal channels")
-        array = np.repeat(array[..., None], 3, axis=2)
-    if array.ndim != 3 or array.shape[2] not in (3, 4):
-        raise ValueError(f"{name} must be (H, W), (H, W, 3) or (H, W, 4), got shape {array.shape}")
-    if array.shape[2] == 4:
+    if mode in ("RGBA", "LA", "PA"):
         notes.append(f"{name} has an alpha channel; it was dropped")
-        array = array[..., :3]
-    if array.shape[0] == 0 or array.shape[1] == 0:
-        raise ValueError(f"{name} is empty (shape {array.shape})")
-    if array.dtype != np.uint8:
-        scale = 255.0 if array.dtype == bool or float(array.max(initial=0)) <= 1.0 else 1.0
-        array = np.clip(array.astype(np.float64) * scale, 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(array), notes
-
-
-def decode_image(data: bytes, *, name: str = "upload") -> tuple[np.ndarray, list[str]]:
-    """Decodes uploaded image bytes (PNG, JPEG, ...) to (H, W, 3) uint8 RGB, with conversion notes.
-
-    Raises:
-        ValueError: the bytes are not an image PIL can read.
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            mode = im.mode
-            array = np.asarray(im.convert("L") if mode in ("L", "LA", "I", "I;16", "F", "1") else im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"{name} is not an image file PIL can read ({err})") from err
-    return as_rgb(array, name=name)
+    return array, notes
 
 
 def resize_for_run(image: np.ndarray, cfg: Config, *, name: str = "image") -> tuple[np.ndarray, list[str]]:
@@ -201,17 +95,14 @@ def dataset_image(path: str | Path, index: int) -> ImageRef:
 
     Raises:
         IndexError: `index` is outside the split.
+        FileNotFoundError: no checkpoint, or the dataset is not on this machine.
     """
-    dataset = val_dataset(path)
+    dataset = RunDir.existing(path).val_dataset()
     if not 0 <= index < len(dataset):
         raise IndexError(f"image index {index} is outside the validation split (0..{len(dataset) - 1})")
     item = dataset[index]
     return ImageRef.from_array(item["image"].permute(1, 2, 0).numpy(), name=item["file_name"],
                                gt_masks=item["masks"].numpy(), gt_labels=item["labels"].numpy())
-
-
-# ----------------------------------------------------------------------------------------------------
-# Forward pass with capture
 
 
 @dataclass(frozen=True)
@@ -369,13 +260,14 @@ class Capture:
 
 
 def forward(path: str | Path, image: ImageRef) -> Capture:
-    """The run's model on `image` with capture on, cached by (checkpoint, mtime, image content)."""
-    return _forward(*_checkpoint_key(path), image)
+    """The run's model on `image` with capture on, cached by (checkpoint identity, image content)."""
+    run = RunDir.existing(path)
+    return _forward(run, tuple(run.checkpoint_id().values()), image)
 
 
 @functools.lru_cache(maxsize=32)
-def _forward(ckpt: str, mtime_ns: int, image: ImageRef) -> Capture:
-    model, _ = _load_run(ckpt, mtime_ns)
+def _forward(run: RunDir, checkpoint_id: tuple[Any, ...], image: ImageRef) -> Capture:
+    model, _ = run.load()
     return capture(model, image.image)
 
 
@@ -394,130 +286,3 @@ def capture(model: Mask2Former, image: np.ndarray) -> Capture:
         levels=[tuple(c["levels"]) for c in out["capture"]],
         level_shapes=[[tuple(s) for s in c["level_shapes"]] for c in out["capture"]],
     )
-
-
-# ----------------------------------------------------------------------------------------------------
-# Colours and mosaics
-
-
-def palette(n: int) -> np.ndarray:
-    """(n, 3) uint8 distinct colours (golden-ratio hues), the same for the same index everywhere."""
-    hues = (np.arange(n) * 0.618033988749895) % 1.0
-    hsv = np.stack([hues, np.full(n, 0.75), np.full(n, 0.95)], -1)
-    return np.asarray(Image.fromarray((hsv[None] * 255).astype(np.uint8), "HSV").convert("RGB"))[0]
-
-
-def colorize(labels: np.ndarray, *, num_colors: int | None = None) -> np.ndarray:
-    """(H, W) int labels (negative = none) -> (H, W, 3) uint8, black where there is no label."""
-    colors = palette(max(int(num_colors or labels.max(initial=0) + 1), 1))
-    out = np.zeros((*labels.shape, 3), np.uint8)
-    valid = labels >= 0
-    out[valid] = colors[labels[valid] % len(colors)]
-    return out
-
-
-def overlay(image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] | np.ndarray,
-            alpha: float = 0.55) -> np.ndarray:
-    """Blends `color` into an (H, W, 3) uint8 image where the (H, W) mask (bool or [0, 1]) is on,
-    and dims the rest so the mask stands out."""
-    weight = np.asarray(mask, np.float32)[..., None] * alpha
-    out = image.astype(np.float32) * (1 - weight) + np.asarray(color, np.float32) * weight
-    out = np.where(weight > 0, out, out * 0.6)
-    return np.clip(out, 0, 255).astype(np.uint8)
-
-
-def resize_rgb(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """(H, W, 3) uint8 resized to (rows, cols) (bilinear)."""
-    return np.asarray(Image.fromarray(image).resize((shape[1], shape[0]), Image.BILINEAR))
-
-
-def mosaic(tiles: list[np.ndarray], *, columns: int, gap: int = 2) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """Lays equal-size (h, w, 3) tiles out in a grid. Returns the mosaic and each tile's (top, left)."""
-    if not tiles:
-        raise ValueError("mosaic needs at least one tile")
-    h, w = tiles[0].shape[:2]
-    rows = math.ceil(len(tiles) / columns)
-    out = np.full((rows * (h + gap) - gap, min(columns, len(tiles)) * (w + gap) - gap, 3), 255, np.uint8)
-    corners = []
-    for i, tile in enumerate(tiles):
-        top, left = (i // columns) * (h + gap), (i % columns) * (w + gap)
-        out[top: top + h, left: left + w] = tile
-        corners.append((top, left))
-    return out, corners
-
-
-def query_tiles(capture: Capture, *, prediction: int | None = None, query: int | None = None) -> list[np.ndarray]:
-    """Mask overlays at 1/4 resolution: all queries of one prediction set, or one query in every set."""
-    if (prediction is None) == (query is None):
-        raise ValueError("give exactly one of prediction (all queries) or query (all prediction sets)")
-    shape = capture.valid_cells(MASK_STRIDE)
-    small = resize_rgb(capture.image, shape)
-    colors = palette(capture.num_queries)
-    pairs = ([(prediction, q) for q in range(capture.num_queries)] if query is None
-             else [(p, query) for p in range(capture.num_layers + 1)])
-    return [overlay(small, capture.mask(p, q) > 0.5, colors[q]) for p, q in pairs]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Metric files
-
-
-def read_metrics(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The train and val records of RUN/metrics.jsonl. A half-written last line (a run still
-    writing) is skipped.
-
-    Raises:
-        FileNotFoundError: the run has no metrics.jsonl.
-        ValueError: a line before the last is not JSON.
-    """
-    file = run_dir(path) / "metrics.jsonl"
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} does not exist (no training iterations logged yet)")
-    lines = [line for line in file.read_text().splitlines() if line.strip()]
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            if number == len(lines):
-                break
-            raise ValueError(f"{file} line {number} is not JSON: {err}") from err
-    return ([r for r in records if r.get("split") == "train"], [r for r in records if r.get("split") == "val"])
-
-
-def read_layer_metrics(path: str | Path) -> list[dict[str, Any]] | None:
-    """Per prediction set metrics of a run: RUN/proposals_eval.json (written by `evaluate_layers`),
-    else an `m2f eval --layers all` file (eval_*.json); None when neither exists."""
-    folder = run_dir(path)
-    for file in [folder / LAYER_EVAL_FILE, *sorted(folder.glob("eval_*.json"))]:
-        if file.is_file():
-            data = json.loads(file.read_text())
-            layers = data.get("metrics", data).get("layers")
-            if layers:
-                return layers
-    return None
-
-
-def evaluate_layers(path: str | Path, *, max_images: int = 8) -> list[dict[str, Any]]:
-    """Evaluates every prediction set (PQ/AP/mIoU and proposal AR) on the first `max_images`
-    validation images and caches the result in RUN/proposals_eval.json."""
-    from m2f.inference import evaluate
-
-    model, cfg = load_run_cached(path)
-    metrics = evaluate(model, cfg, layers="all", proposals=True, max_images=max_images)
-    (run_dir(path) / LAYER_EVAL_FILE).write_text(json.dumps({"metrics": metrics}, default=str))
-    return metrics["layers"]
-
-
-LAYER_METRICS = {"PQ": ("panoptic", "PQ"), "AP": ("instance", "AP"), "mIoU": ("semantic", "mIoU"),
-                 "AR@100": ("proposals", "AR@100")}
-
-
-def layer_curves(layers: list[dict[str, Any]]) -> dict[str, list[float]]:
-    """{"PQ" / "AP" / "mIoU" / "AR@100": value per prediction set} for the metrics present (0-100 scale)."""
-    curves = {}
-    for name, (task, key) in LAYER_METRICS.items():
-        values = [layer.get(task, {}).get(key) for layer in layers]
-        if all(isinstance(v, (int, float)) for v in values):
-            curves[name] = [100.0 * float(v) for v in values]
-    return curves

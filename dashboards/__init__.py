@@ -1,1 +1,0 @@
-"""Panel dashboards over m2f runs (see docs/dashboards.md); each module is also a `panel serve` app."""
