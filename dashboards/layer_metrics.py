@@ -60,7 +60,7 @@ class LayerMetrics(param.Parameterized):
                 notes.append(f"{run_label(run)}: {err}")
                 continue
             if evaluation is None:
-                notes.append(f"{run_label(run)}: no layer evaluation of its checkpoint yet "
+                notes.append(f"{run_label(run)}: no layer evaluation yet of its present checkpoint "
                              f"(`m2f eval RUN --layers all`, or the Proposals tab's button for a few images)")
                 continue
             found[run] = evaluation.metrics["layers"]

@@ -34,7 +34,7 @@ def make_runs(root: Path, *, iterations: int = ITERATIONS, batch_size: int = 1) 
                                   f"train.batch_size={batch_size}"])
         runs[attention] = root / attention
         train(cfg, out_dir=runs[attention], progress=False)
-        evaluate_run(runs[attention], layers="all", proposals=True, max_images=2)
+        evaluate_run(runs[attention], layers="all", proposals=True)  # the run's own: every val image
         if attention == "masked":
             runs["init"] = root / "init"
             runs["init"].mkdir()
