@@ -91,8 +91,8 @@ class Steps:
     def __init__(self, *, theirs: nn.Module | None, ours: nn.Module | None, cfg: Any, cases: list[str],
                  precision: str = "fp32") -> None:
         from m2f.config import apply_overrides
+        from m2f.criterion import build_criterion
         from m2f.optim import build_optimizer
-        from m2f.train import build_criterion
 
         self.theirs, self.ours, self.cfg, self.precision = theirs, ours, cfg, precision
         self.timer: StageTimer | None = None
@@ -121,12 +121,11 @@ class Steps:
 
     def m2f(self, name: str) -> None:
         from m2f.data.loader import pad_targets
-        from m2f.train import supervised_outputs
 
         with self.autocast():
             outputs = self.ours(self.images)
         targets = pad_targets(self.targets, outputs["padded_size"], self.images[0].device)
-        losses = self.criteria[name](supervised_outputs(outputs, self.cfg.model.query_features), targets)
+        losses = self.criteria[name](outputs, targets)
         self._finish(name, losses["loss"], self.ours, self.optimizers["m2f"])
 
     def transformers(self) -> None:

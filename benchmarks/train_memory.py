@@ -25,9 +25,9 @@ def one_step(device: str, size: int, point_matching: bool, point_loss: bool) -> 
     import torch
 
     from m2f.config import get_config
+    from m2f.criterion import build_criterion
     from m2f.memory import PeakMemory
     from m2f.model import build_model
-    from m2f.train import build_criterion
 
     torch.manual_seed(0)
     cfg = get_config("r50_coco_panoptic", ["model.num_classes=10", f"loss.point_matching={point_matching}",

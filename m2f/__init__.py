@@ -30,6 +30,8 @@ Shape legend, used in docstrings and comments everywhere (one letter, one meanin
     Lq     queries of multi-scale deformable attention (every pixel of every level: Lq = S in the encoder)
     P      sampling points per head and level in deformable attention
     N      points sampled from a mask for the matcher and the mask losses
+    T      prediction sets scored by the loss (the final one and the supervised auxiliary ones, up to 10)
+    n      matched (query, segment) pairs
 """
 
 import importlib

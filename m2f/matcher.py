@@ -8,7 +8,8 @@ with BCE and dice evaluated, as in the original, on one set of N uniform random 
 all queries and segments (`point_matching=True`). `point_matching=False` (Table 5, "matching with full
 masks") follows MaskFormer's matcher instead: ground-truth masks are downsampled (nearest) to the
 prediction's resolution and the costs use every pixel there. The assignment is scipy's
-`linear_sum_assignment`, per image, on the CPU.
+`linear_sum_assignment`, per image, on the CPU. `match_sets` matches all prediction sets of a batch with one
+cost computation and one device-to-host copy (the training loss uses it: 10 sets x B images).
 """
 
 import torch
@@ -27,30 +28,30 @@ def pairwise_sigmoid_bce(logits: Tensor, targets: Tensor) -> Tensor:
     BCE(x, t) = t·BCE(x, 1) + (1 − t)·BCE(x, 0), so the pairwise mean is two matrix products.
 
     Args:
-        logits: (Q, N) mask logits at N points (or pixels).
-        targets: (G, N) target values in [0, 1] at the same points.
+        logits: (..., Q, N) mask logits at N points (or pixels); leading dimensions are batched.
+        targets: (..., G, N) target values in [0, 1] at the same points.
 
     Returns:
-        (Q, G) costs.
+        (..., Q, G) costs.
     """
     pos = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
     neg = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
-    return (pos @ targets.T + neg @ (1 - targets).T) / logits.shape[1]
+    return (pos @ targets.mT + neg @ (1 - targets).mT) / logits.shape[-1]
 
 
 def pairwise_dice(logits: Tensor, targets: Tensor) -> Tensor:
     """Dice loss 1 − (2·Σpt + 1) / (Σp + Σt + 1) of every prediction against every target (p = sigmoid).
 
     Args:
-        logits: (Q, N) mask logits.
-        targets: (G, N) target values in [0, 1].
+        logits: (..., Q, N) mask logits; leading dimensions are batched.
+        targets: (..., G, N) target values in [0, 1].
 
     Returns:
-        (Q, G) costs.
+        (..., Q, G) costs.
     """
     probs = logits.sigmoid()
-    numerator = 2 * probs @ targets.T
-    denominator = probs.sum(-1)[:, None] + targets.sum(-1)[None, :]
+    numerator = 2 * probs @ targets.mT
+    denominator = probs.sum(-1)[..., :, None] + targets.sum(-1)[..., None, :]
     return 1 - (numerator + 1) / (denominator + 1)
 
 
@@ -82,11 +83,7 @@ class HungarianMatcher(nn.Module):
     @torch.no_grad()
     def cost_matrices(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]], *,
                       generator: torch.Generator | None = None) -> list[dict[str, Tensor]]:
-        """The unweighted cost terms of each image.
-
-        With point matching, the RNG is used for one draw of (1, N, 2) points per image, in batch order
-        (images without targets included), so a batch consumes it exactly as its images matched one by
-        one.
+        """The unweighted cost terms of each image for one prediction set.
 
         Args:
             outputs: {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, h, w)}.
@@ -96,41 +93,12 @@ class HungarianMatcher(nn.Module):
         Returns:
             B dicts {"class", "mask", "dice"} of (Q, G) fp32 costs.
         """
-        logits, pred_masks = outputs["pred_logits"], outputs["pred_masks"]
-        _check_inputs(logits, pred_masks, targets)
-        batch, num_queries = logits.shape[:2]
-        device = pred_masks.device
-        # fp32 with autocast off: a half-precision cost ties or overflows and the matching degrades.
-        with torch.autocast(device.type, enabled=False):
-            probs = logits.float().softmax(-1)
-            pred_masks = pred_masks.float()
-            if self.point_matching:
-                coords = torch.cat([random_points(1, self.num_points, device=device, generator=generator)
-                                    for _ in range(batch)])
-                pred_values = point_sample(pred_masks, coords)  # (B, Q, N)
-            else:
-                pred_values = pred_masks.flatten(2)
-            costs = []
-            for b, target in enumerate(targets):
-                labels, masks = target["labels"], target["masks"]
-                if len(labels) == 0:
-                    empty = probs.new_zeros(num_queries, 0)
-                    costs.append({"class": empty, "mask": empty, "dice": empty})
-                    continue
-                masks = masks.to(device=device, dtype=torch.float32)
-                if self.point_matching:
-                    tgt_values = point_sample(masks[None], coords[b:b + 1])[0]  # (G, N)
-                else:
-                    tgt_values = F.interpolate(masks[:, None], size=pred_masks.shape[-2:], mode="nearest").flatten(1)
-                costs.append({"class": -probs[b][:, labels.to(device)],
-                              "mask": pairwise_sigmoid_bce(pred_values[b], tgt_values),
-                              "dice": pairwise_dice(pred_values[b], tgt_values)})
-        return costs
+        return [{k: v[0] for k, v in cost.items()} for cost in self._set_costs([outputs], targets, generator)]
 
     @torch.no_grad()
     def forward(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]], *,
                 generator: torch.Generator | None = None) -> Indices:
-        """Matches each image's queries to its segments.
+        """Matches each image's queries to its segments (one prediction set; see `match_sets`).
 
         Args:
             outputs: {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, h, w)}; other keys are ignored.
@@ -144,15 +112,81 @@ class HungarianMatcher(nn.Module):
         Raises:
             FloatingPointError: a cost is NaN or infinite (a diverged model), naming the terms and image.
         """
-        indices = []
-        for b, cost in enumerate(self.cost_matrices(outputs, targets, generator=generator)):
-            total = self.cost_mask * cost["mask"] + self.cost_class * cost["class"] + self.cost_dice * cost["dice"]
-            total = total.cpu()
-            if not torch.isfinite(total).all():
-                raise FloatingPointError(_non_finite_message(cost, b))
-            rows, cols = linear_sum_assignment(total.numpy())
-            indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+        return self.match_sets([outputs], targets, generator=generator)[0]
+
+    @torch.no_grad()
+    def match_sets(self, sets: list[dict[str, Tensor]], targets: list[dict[str, Tensor]], *,
+                   generator: torch.Generator | None = None) -> list[Indices]:
+        """Matches T prediction sets of the same batch (the final and the auxiliary ones) at once: the costs of
+        all sets are computed together and moved to the CPU in one transfer, then each (set, image) is
+        assigned. The result equals T calls of `forward`, one per set in order, from the same RNG state (the
+        RNG draws one set of N points per (set, image), set-major).
+
+        Args:
+            sets: T dicts {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, h, w)} of equal shapes.
+            targets: B dicts {"labels": (G,), "masks": (G, H, W) bool}.
+            generator: optional RNG for the points; None uses the global RNG.
+
+        Returns:
+            T lists of B (pred_idx, tgt_idx) pairs, as `forward`.
+
+        Raises:
+            FloatingPointError: a cost is NaN or infinite (a diverged model), naming the terms and image.
+        """
+        costs = self._set_costs(sets, targets, generator)  # B dicts of (T, Q, G)
+        totals = [self.cost_mask * c["mask"] + self.cost_class * c["class"] + self.cost_dice * c["dice"]
+                  for c in costs]
+        flat = torch.cat([t.flatten() for t in totals]).cpu()  # one device-to-host copy
+        if not torch.isfinite(flat).all():
+            bad = next(b for b, t in enumerate(totals) if not torch.isfinite(t).all())
+            raise FloatingPointError(_non_finite_message(costs[bad], bad))
+        per_image = [chunk.view(t.shape).numpy() for chunk, t in zip(flat.split([t.numel() for t in totals]), totals)]
+        indices: list[Indices] = []
+        for s in range(len(sets)):
+            indices.append([])
+            for total in per_image:
+                rows, cols = linear_sum_assignment(total[s])
+                indices[s].append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return indices
+
+    def _set_costs(self, sets: list[dict[str, Tensor]], targets: list[dict[str, Tensor]],
+                   generator: torch.Generator | None) -> list[dict[str, Tensor]]:
+        """B dicts {"class", "mask", "dice"} of (T, Q, G) fp32 unweighted costs of the T prediction sets."""
+        for predictions in sets:
+            _check_inputs(predictions["pred_logits"], predictions["pred_masks"], targets)
+        num_sets = len(sets)
+        batch, num_queries = sets[0]["pred_logits"].shape[:2]
+        device = sets[0]["pred_masks"].device
+        # fp32 with autocast off: a half-precision cost ties or overflows and the matching degrades.
+        with torch.autocast(device.type, enabled=False):
+            probs = torch.stack([p["pred_logits"] for p in sets]).float().softmax(-1)  # (T, B, Q, K+1)
+            pred_masks = torch.stack([p["pred_masks"] for p in sets]).float()  # (T, B, Q, h, w)
+            if self.point_matching:
+                # One draw equals T·B draws of (1, N, 2) in (set, image) order: what per-set calls consume.
+                coords = random_points(num_sets * batch, self.num_points, device=device, generator=generator)
+                pred_values = point_sample(pred_masks.flatten(0, 1), coords).unflatten(0, (num_sets, batch))
+                coords = coords.unflatten(0, (num_sets, batch))  # (T, B, N, 2)
+            else:
+                pred_values = pred_masks.flatten(3)  # (T, B, Q, h·w)
+            costs = []
+            for b, target in enumerate(targets):
+                labels, masks = target["labels"], target["masks"]
+                if len(labels) == 0:
+                    empty = probs.new_zeros(num_sets, num_queries, 0)
+                    costs.append({"class": empty, "mask": empty, "dice": empty})
+                    continue
+                masks = masks.to(device=device, dtype=torch.float32)
+                if self.point_matching:
+                    # The T point sets of this image as one (1, T·N) read of its G masks.
+                    tgt_values = point_sample(masks[None], coords[:, b].reshape(1, -1, 2))[0]  # (G, T·N)
+                    tgt_values = tgt_values.unflatten(1, (num_sets, -1)).transpose(0, 1)  # (T, G, N)
+                else:
+                    tgt_values = F.interpolate(masks[:, None], size=pred_masks.shape[-2:], mode="nearest").flatten(1)
+                    tgt_values = tgt_values.expand(num_sets, -1, -1)
+                costs.append({"class": -probs[:, b][..., labels.to(device)],
+                              "mask": pairwise_sigmoid_bce(pred_values[:, b], tgt_values),
+                              "dice": pairwise_dice(pred_values[:, b], tgt_values)})
+        return costs
 
     def extra_repr(self) -> str:
         return (f"cost_class={self.cost_class}, cost_mask={self.cost_mask}, cost_dice={self.cost_dice}, "

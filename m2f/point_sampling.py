@@ -53,7 +53,8 @@ def uncertain_point_coords(logits: Tensor, *, num_points: int, oversample_ratio:
     """PointRend's importance sampling: points concentrated where the mask logit is close to 0.
 
     Draws k·P uniform points (k = oversample_ratio), keeps the β·P (β = importance_sample_ratio) with the
-    highest uncertainty −|logit|, and adds P − β·P fresh uniform points so that no region is ignored.
+    highest uncertainty −|logit|, and adds P − β·P fresh uniform points so that no region is ignored. Each
+    mask's k·P + P − β·P uniform numbers are one consecutive block of the RNG's stream (candidates first).
 
     Args:
         logits: (n, 1, h, w) mask logits, one map per mask.
@@ -74,12 +75,12 @@ def uncertain_point_coords(logits: Tensor, *, num_points: int, oversample_ratio:
     n = logits.shape[0]
     num_sampled = int(num_points * oversample_ratio)
     num_uncertain = int(importance_sample_ratio * num_points)
-    candidates = random_points(n, num_sampled, device=logits.device, generator=generator)
+    # One draw holds each mask's candidates and then its fresh points, so the points of n masks equal those
+    # of any split of them into consecutive groups drawn one group after another (the loss relies on it).
+    draws = random_points(n, num_sampled + num_points - num_uncertain, device=logits.device, generator=generator)
+    candidates, fresh = draws[:, :num_sampled], draws[:, num_sampled:]
     uncertainty = -point_sample(logits, candidates)[:, 0].abs()
-    top = uncertainty.topk(num_uncertain, dim=1).indices
+    # Unsorted top-k (about 2x faster on the CPU): the losses are means over the points, order-free.
+    top = uncertainty.topk(num_uncertain, dim=1, sorted=False).indices
     coords = candidates.gather(1, top.unsqueeze(-1).expand(-1, -1, 2))
-    num_random = num_points - num_uncertain
-    if num_random > 0:
-        fresh = random_points(n, num_random, device=logits.device, generator=generator)
-        coords = torch.cat([coords, fresh], dim=1)
-    return coords
+    return torch.cat([coords, fresh], dim=1)

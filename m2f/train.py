@@ -24,9 +24,8 @@ from tqdm import tqdm
 from m2f import distributed as dist
 from m2f.checkpoint import load, rng_state, save_atomic, set_rng_state
 from m2f.config import Config, from_dict
-from m2f.criterion import SetCriterion
+from m2f.criterion import build_criterion
 from m2f.data.loader import build_train_loader, pad_targets
-from m2f.matcher import HungarianMatcher
 from m2f.memory import PeakMemory
 from m2f.model import build_model, count_parameters
 from m2f.optim import build_optimizer, build_scheduler, lr_factor
@@ -35,26 +34,6 @@ from m2f.run_dir import RunDir
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = RunDir.CHECKPOINT
-
-
-def build_criterion(cfg: Config) -> SetCriterion:
-    """The matcher and the loss from `cfg.loss` (weights 2/5/5, 12544 importance-sampled points)."""
-    c = cfg.loss
-    matcher = HungarianMatcher(cost_class=c.class_weight, cost_mask=c.mask_weight, cost_dice=c.dice_weight,
-                               num_points=c.num_points, point_matching=c.point_matching)
-    return SetCriterion(num_classes=cfg.model.num_classes, matcher=matcher, class_weight=c.class_weight,
-                        mask_weight=c.mask_weight, dice_weight=c.dice_weight, no_object_weight=c.no_object_weight,
-                        num_points=c.num_points, oversample_ratio=c.oversample_ratio,
-                        importance_sample_ratio=c.importance_sample_ratio, point_loss=c.point_loss,
-                        deep_supervision=c.deep_supervision)
-
-
-def supervised_outputs(outputs: dict[str, Any], query_features: str) -> dict[str, Any]:
-    """The prediction sets the loss sees: prediction #0 (from the initial query features) is supervised
-    only for "learnable_supervised" (Table XI b: learnable w/o supervision and DETR's zero init skip it)."""
-    if query_features == "learnable_supervised":
-        return outputs
-    return {**outputs, "aux_outputs": outputs["aux_outputs"][1:]}
 
 
 def train(cfg: Config, *, out_dir: str | Path, resume: bool = False, progress: bool = True,
@@ -107,7 +86,7 @@ def train(cfg: Config, *, out_dir: str | Path, resume: bool = False, progress: b
             outputs = ddp([im.to(device) for im in images])
         targets = pad_targets(targets, outputs["padded_size"], device)
         try:
-            losses = criterion(supervised_outputs(outputs, cfg.model.query_features), targets)
+            losses = criterion(outputs, targets)
             if not torch.isfinite(losses["loss"]):
                 terms = {k: v.item() for k, v in losses.items() if not math.isfinite(v.item())}
                 raise FloatingPointError(f"non-finite loss terms {terms}; lower train.lr or disable train.amp.")
@@ -117,7 +96,7 @@ def train(cfg: Config, *, out_dir: str | Path, resume: bool = False, progress: b
         loss = losses["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm, foreach=True)
         optimizer.step()
         scheduler.step()
         bar.update(1)

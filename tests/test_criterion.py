@@ -19,8 +19,8 @@ class FixedMatcher(HungarianMatcher):
         super().__init__()
         self.indices = indices
 
-    def forward(self, outputs, targets, *, generator=None) -> Indices:
-        return self.indices
+    def match_sets(self, sets, targets, *, generator=None) -> list[Indices]:
+        return [self.indices] * len(sets)
 
 
 def _blob_masks(size: int = 64) -> torch.Tensor:
@@ -68,10 +68,9 @@ def test_uncertain_point_coords_keeps_the_most_uncertain_candidates():
     coords = uncertain_point_coords(logits, num_points=40, oversample_ratio=3.0, importance_sample_ratio=0.75,
                                     generator=torch.Generator().manual_seed(5))
     assert coords.shape == (3, 40, 2) and coords.min() >= 0 and coords.max() <= 1
-    # Replay the draws: 120 candidates, the 30 with the smallest |logit|, then 10 fresh points.
-    replay = torch.Generator().manual_seed(5)
-    candidates = random_points(3, 120, device=torch.device("cpu"), generator=replay)
-    fresh = random_points(3, 10, device=torch.device("cpu"), generator=replay)
+    # Replay the draw: per mask 120 candidates then 10 fresh points; the 30 candidates with the smallest |logit|.
+    replay = random_points(3, 130, device=torch.device("cpu"), generator=torch.Generator().manual_seed(5))
+    candidates, fresh = replay[:, :120], replay[:, 120:]
     magnitude = point_sample(logits, candidates)[:, 0].abs()
     for i in range(3):
         kept = sorted(magnitude[i].argsort()[:30].tolist())
@@ -102,8 +101,8 @@ def test_class_loss_equals_weighted_cross_entropy():
     classes = torch.full((2, 5), 3)
     classes[0, 1], classes[0, 4], classes[1, 3] = 0, 2, 1
     expected = F.cross_entropy(logits.flatten(0, 1), classes.flatten(), weight=torch.tensor([1, 1, 1, 0.1]))
-    loss = _criterion(indices).loss_labels(logits, targets, indices)
-    torch.testing.assert_close(loss, expected)
+    loss = _criterion(indices).loss_labels(logits[None], targets, [indices])
+    torch.testing.assert_close(loss, expected[None])
 
 
 def test_mask_losses_on_all_pixels_equal_torch_bce_and_hand_dice():
@@ -118,9 +117,10 @@ def test_mask_losses_on_all_pixels_equal_torch_bce_and_hand_dice():
     bce = sum(F.binary_cross_entropy_with_logits(p.flatten(), t.float().flatten()) for p, t in pairs) / 5
     dice = sum(_dice(p.flatten(), t.float().flatten()) for p, t in pairs) / 5
     criterion = _criterion(indices, point_loss=False)
-    loss_mask, loss_dice = criterion.loss_masks(pred, targets, indices, num_masks=criterion.num_masks(targets, torch.device("cpu")))
-    torch.testing.assert_close(loss_mask, bce)
-    torch.testing.assert_close(loss_dice, dice)
+    loss_mask, loss_dice = criterion.loss_masks(pred[None], targets, [indices],
+                                                num_masks=criterion.num_masks(targets, torch.device("cpu")))
+    torch.testing.assert_close(loss_mask, bce[None])
+    torch.testing.assert_close(loss_dice, dice[None])
 
 
 def test_full_mask_loss_upsamples_predictions_bilinearly():
@@ -129,9 +129,9 @@ def test_full_mask_loss_upsamples_predictions_bilinearly():
     masks = torch.rand(1, 16, 16, generator=g) > 0.5
     indices = [(torch.tensor([1]), torch.tensor([0]))]
     loss_mask, _ = _criterion(indices, point_loss=False).loss_masks(
-        pred, [{"labels": torch.tensor([0]), "masks": masks}], indices, num_masks=1.0)
+        pred[None], [{"labels": torch.tensor([0]), "masks": masks}], [indices], num_masks=1.0)
     upsampled = F.interpolate(pred[:, 1:2], size=(16, 16), mode="bilinear", align_corners=False)
-    torch.testing.assert_close(loss_mask, F.binary_cross_entropy_with_logits(upsampled[0, 0], masks[0].float()))
+    torch.testing.assert_close(loss_mask[0], F.binary_cross_entropy_with_logits(upsampled[0, 0], masks[0].float()))
 
 
 def test_uniform_point_loss_estimates_the_full_mask_loss():
@@ -292,3 +292,46 @@ def test_bf16_outputs_are_computed_in_fp32():
     torch.testing.assert_close(low["loss"], full["loss"])
     low["loss"].backward()
     assert half["pred_masks"].grad.dtype == torch.bfloat16 and half["pred_masks"].grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(("point_matching", "point_loss"), [(True, True), (False, False), (True, False)])
+def test_all_sets_at_once_equal_one_set_at_a_time(point_matching, point_loss):
+    """The criterion matches and scores all 10 prediction sets in one batched pass; the straightforward
+    way, one matcher call and one loss per set in turn from the same RNG state, gives the same terms and
+    gradients up to float rounding (the RNG draws are the same: matching points of every set, then loss
+    points, set by set)."""
+    outputs, targets = _model_like_outputs(batch=3, queries=5), _targets(counts=(3, 0, 6))
+    matcher = HungarianMatcher(num_points=300, point_matching=point_matching)
+    criterion = SetCriterion(num_classes=3, matcher=matcher, num_points=200, point_loss=point_loss)
+    batched = criterion(outputs, targets, generator=torch.Generator().manual_seed(7))
+    grads = torch.autograd.grad(batched["loss"], [outputs["pred_masks"], outputs["aux_outputs"][4]["pred_logits"]])
+
+    g = torch.Generator().manual_seed(7)
+    sets = [("", outputs), *((f"_{i}", aux) for i, aux in enumerate(outputs["aux_outputs"]))]
+    indices = [matcher(predictions, targets, generator=g) for _, predictions in sets]
+    num_masks = criterion.num_masks(targets, torch.device("cpu"))
+    reference = {}
+    for (suffix, predictions), matched in zip(sets, indices):
+        ce = criterion.loss_labels(predictions["pred_logits"][None], targets, [matched])[0]
+        bce, dice = criterion.loss_masks(predictions["pred_masks"][None], targets, [matched], num_masks, generator=g)
+        reference.update({f"loss_ce{suffix}": 2 * ce, f"loss_mask{suffix}": 5 * bce[0], f"loss_dice{suffix}": 5 * dice[0]})
+    reference["loss"] = sum(reference.values())
+    assert batched.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(batched[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
+    expected = torch.autograd.grad(reference["loss"], [outputs["pred_masks"], outputs["aux_outputs"][4]["pred_logits"]])
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_prediction_zero_is_left_out_without_supervise_initial():
+    """Table XI b: learnable queries without supervision (and DETR's zero init) do not supervise the
+    prediction from the initial query features, aux_outputs[0]; the other 9 sets keep theirs."""
+    outputs, targets = _model_like_outputs(), _targets()
+    criterion = SetCriterion(num_classes=3, matcher=HungarianMatcher(num_points=200), num_points=200,
+                             supervise_initial=False)
+    losses = criterion(outputs, targets)
+    assert len(losses) == 1 + 3 * 9 and "loss_ce_8" not in losses and "loss_ce_7" in losses
+    losses["loss"].backward()
+    assert outputs["aux_outputs"][0]["pred_masks"].grad is None
+    assert all(a["pred_masks"].grad.abs().sum() > 0 for a in outputs["aux_outputs"][1:])

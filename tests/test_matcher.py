@@ -182,3 +182,15 @@ def test_costs_are_fp32_under_autocast_and_for_bf16_outputs():
             assert amp[term].dtype == low[term].dtype == torch.float32
             torch.testing.assert_close(amp[term], ref[term])
             torch.testing.assert_close(low[term], up[term])
+
+
+@pytest.mark.parametrize("point_matching", [True, False])
+def test_matching_all_sets_at_once_equals_one_call_per_set(point_matching):
+    sets = [_random_batch(3, 7, 4, [2, 0, 5], seed=s)[0] for s in range(4)]
+    targets = _random_batch(3, 7, 4, [2, 0, 5])[1]
+    matcher = HungarianMatcher(num_points=256, point_matching=point_matching)
+    together = matcher.match_sets(sets, targets, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    one_by_one = [matcher(outputs, targets, generator=g) for outputs in sets]
+    for a, b in zip(together, one_by_one):
+        assert all(torch.equal(pa, pb) and torch.equal(ta, tb) for (pa, ta), (pb, tb) in zip(a, b))
