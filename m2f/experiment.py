@@ -89,7 +89,7 @@ def summarize(run_dir: str | Path, metrics: dict[str, Any]) -> dict[str, Any]:
 def _torchrun(cfg: Config, run: Path, nproc_per_node: int) -> None:
     """Trains under torchrun on this node; the config travels as a JSON file next to the run."""
     run.mkdir(parents=True, exist_ok=True)
-    config_file = run / "requested_config.json"
+    config_file = run / RunDir.REQUESTED_CONFIG
     config_file.write_text(cfg.to_json())
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}",
                "-m", "m2f.cli", "train", "--config", str(config_file), "--out", str(run), "--resume"]

@@ -104,6 +104,7 @@ class RunDir:
     METRICS = "metrics.jsonl"
     EVALUATIONS = "evaluations.json"
     LEGACY_EVALUATION = "eval_layers.json"  # m2f.experiment's cache before this module (committed results)
+    REQUESTED_CONFIG = "requested_config.json"  # the config m2f.experiment hands to torchrun
 
     @classmethod
     def at(cls, path: "str | Path | RunDir") -> "RunDir":
@@ -316,12 +317,15 @@ class RunDir:
         file = self.root / self.LEGACY_EVALUATION
         if not file.is_file():
             return []
-        old = json.loads(file.read_text())
-        data, test = old["config"]["data"], old["config"]["test"]
-        key = {"checkpoint": {"mtime_ns": old["key"]["checkpoint_mtime_ns"]}, "split": data["val_split"],
-               "max_images": data["max_val_images"], "layers": old["key"]["layers"],
-               "proposals": old["key"]["proposals"], "data": data, "test": test}
-        return [{"key": key, "metrics": old["metrics"]}]
+        try:
+            old = json.loads(file.read_text())
+            data, test = old["config"]["data"], old["config"]["test"]
+            key = {"checkpoint": {"mtime_ns": old["key"]["checkpoint_mtime_ns"]}, "split": data["val_split"],
+                   "max_images": data["max_val_images"], "layers": old["key"]["layers"],
+                   "proposals": old["key"]["proposals"], "data": data, "test": test}
+            return [{"key": key, "metrics": old["metrics"]}]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{file} is not an evaluation file of m2f ({type(err).__name__}: {err})") from err
 
 
 def _checkpoint_matches(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
