@@ -115,8 +115,8 @@ class Capture:
     Args:
         image: (H, W, 3) uint8, the image the model saw (unpadded).
         padded_size: (H_pad, W_pad).
-        mask_probs: (P, Q, H_pad/4, W_pad/4) float32 sigmoid of the mask logits, P = layers + 1.
-        class_probs: (P, Q, K+1) softmax of the class logits (index K = no object).
+        mask_probs: (T, Q, H_pad/4, W_pad/4) float32 sigmoid of the mask logits, T = layers + 1 prediction sets.
+        class_probs: (T, Q, K+1) softmax of the class logits (index K = no object).
         attn: per layer (M, Q, S) attention weights (M = 1 for mask pooling).
         attend: per layer (Q, S) bool, True where the query may attend; None for cross-attention.
         levels: per layer the pyramid levels it attends (0 = 1/32, 1 = 1/16, 2 = 1/8).

@@ -32,8 +32,8 @@ def sine_position_encoding(
     x = torch.arange(1, width + 1, dtype=dtype, device=device) / (width + eps) * scale
     dim_t = torch.arange(num_feats, dtype=dtype, device=device)
     dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
-    pos_y = y[:, None] / dim_t  # (H, F)
-    pos_x = x[:, None] / dim_t  # (W, F)
+    pos_y = y[:, None] / dim_t  # (H, num_feats)
+    pos_x = x[:, None] / dim_t  # (W, num_feats)
     pos_y = torch.stack((pos_y[:, 0::2].sin(), pos_y[:, 1::2].cos()), dim=2).flatten(1)
     pos_x = torch.stack((pos_x[:, 0::2].sin(), pos_x[:, 1::2].cos()), dim=2).flatten(1)
     pos = torch.cat(

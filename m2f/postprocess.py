@@ -38,14 +38,14 @@ def _check_size(name: str, size: Sequence[int]) -> Size:
 
 
 def _bilinear(x: Tensor, size: Size) -> Tensor:
-    """Resizes (N, h, w) to (N, *size) bilinearly, align_corners=False; a no-op at the same size."""
+    """Resizes (n, h, w) to (n, *size) bilinearly, align_corners=False; a no-op at the same size."""
     if tuple(x.shape[-2:]) == size:
         return x
     return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
 def _to_valid(mask_logits: Tensor, padded_size: Size, image_size: Size) -> Tensor:
-    """(N, h, w) logits -> (N, *image_size): upsample to the padded input, crop the padding away."""
+    """(n, h, w) logits -> (n, *image_size): upsample to the padded input, crop the padding away."""
     return _bilinear(mask_logits.float(), padded_size)[:, : image_size[0], : image_size[1]]
 
 
@@ -54,13 +54,13 @@ def resize_mask_logits(mask_logits: Tensor, *, padded_size: Sequence[int], image
     """The shared first step of all three tasks, for a set of mask logits.
 
     Args:
-        mask_logits: (N, h, w) mask logits at 1/4 of the padded input.
+        mask_logits: (n, h, w) mask logits at 1/4 of the padded input.
         padded_size: (H_pad, W_pad) of the padded batch the model saw.
         image_size: (h_img, w_img) of the valid (unpadded) image inside it.
         output_size: (H, W) requested output size (usually the original image size).
 
     Returns:
-        (N, H, W) float32 mask logits.
+        (n, H, W) float32 mask logits.
     """
     padded, image, output = _sizes(padded_size, image_size, output_size)
     return _bilinear(_to_valid(mask_logits, padded, image), output)

@@ -29,7 +29,7 @@ def mask_to_boundary(masks: np.ndarray, dilation_ratio: float = 0.02) -> np.ndar
     """Inner boundaries of binary masks: mask AND NOT erosion(mask).
 
     Args:
-        masks: (N, H, W) or (H, W) bool.
+        masks: (n, H, W) or (H, W) bool.
         dilation_ratio: boundary width as a fraction of the image diagonal (paper default 0.02).
 
     Returns:

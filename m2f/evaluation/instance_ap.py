@@ -28,10 +28,10 @@ def _numpy(x: Tensor | np.ndarray | Sequence[Any]) -> np.ndarray:
 
 
 def encode_masks(masks: Tensor | np.ndarray) -> list[dict[str, Any]]:
-    """(N, H, W) bool masks -> COCO compressed RLEs with str counts (JSON-ready)."""
+    """(n, H, W) bool masks -> COCO compressed RLEs with str counts (JSON-ready)."""
     array = _numpy(masks).astype(np.uint8)
     if array.ndim != 3:
-        raise ValueError(f"masks must be (N, H, W), got shape {array.shape}")
+        raise ValueError(f"masks must be (n, H, W), got shape {array.shape}")
     if array.shape[0] == 0:
         return []
     rles = mask_utils.encode(np.asfortranarray(array.transpose(1, 2, 0)))
@@ -149,7 +149,7 @@ class CocoResults:
             raise ValueError(f"image id {image_id} is not in the ground truth")
         masks_np, scores_np = _numpy(masks), _numpy(scores).astype(np.float64)
         if masks_np.ndim != 3 or not masks_np.shape[0] == len(scores_np) == len(category_ids):
-            raise ValueError(f"image {image_id}: expected masks (N, H, W), scores (N,) and labels (N,), got "
+            raise ValueError(f"image {image_id}: expected masks (n, H, W), scores (n,) and labels (n,), got "
                              f"{masks_np.shape}, {scores_np.shape} and {len(category_ids)} labels")
         info = self.gt.imgs[image_id]
         expected = (info.get("height"), info.get("width"))
@@ -189,9 +189,9 @@ class InstanceEvaluator(CocoResults):
 
         Args:
             image_id: the ground-truth image id.
-            masks: (N, H, W) bool at the ground-truth image size.
-            scores: (N,) confidence.
-            labels: (N,) contiguous class indices.
+            masks: (n, H, W) bool at the ground-truth image size.
+            scores: (n,) confidence.
+            labels: (n,) contiguous class indices.
         """
         labels_np = _numpy(labels).astype(np.int64).reshape(-1)
         if labels_np.size and (labels_np.min() < 0 or labels_np.max() >= len(self.category_ids)):
