@@ -73,16 +73,21 @@ def forward_and_grads(impl: str, value, shapes, starts, locations, weights, grad
     return out.detach(), [leaf.grad for leaf in leaves]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", CASES)
-def test_kernel_matches_reference_fp32(device, case):
-    value, shapes, starts, locations, weights = random_inputs(*CASES[case], device=device)
+def assert_matches_reference_fp32(device, value, shapes, starts, locations, weights):
+    """The kernel's output and all three input gradients against the reference op's, in fp32."""
     grad_output = random_grad_output(value, locations)
     out, grads = forward_and_grads(device, value, shapes, starts, locations, weights, grad_output)
     ref_out, ref_grads = forward_and_grads("torch", value, shapes, starts, locations, weights, grad_output)
     assert_close_fp32(out, ref_out, "output")
     for name, got, expected in zip(("value", "locations", "weights"), grads, ref_grads):
         assert_close_fp32(got, expected, f"grad {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_matches_reference_fp32(device, case):
+    value, shapes, starts, locations, weights = random_inputs(*CASES[case], device=device)
+    assert_matches_reference_fp32(device, value, shapes, starts, locations, weights)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -138,12 +143,7 @@ def test_kernel_partial_lane_paths(device, head_dim):
     3 float4 chunks on 4 lanes, one lane idle in every shuffle. The CPU kernel takes the same head dims."""
     value, shapes, starts, locations, weights = random_inputs(2, [(6, 4), (3, 2)], 9, 3, head_dim, 4,
                                                               device=device)
-    grad_output = random_grad_output(value, locations)
-    out, grads = forward_and_grads(device, value, shapes, starts, locations, weights, grad_output)
-    ref_out, ref_grads = forward_and_grads("torch", value, shapes, starts, locations, weights, grad_output)
-    assert_close_fp32(out, ref_out, "output")
-    for name, got, expected in zip(("value", "locations", "weights"), grads, ref_grads):
-        assert_close_fp32(got, expected, f"grad {name}")
+    assert_matches_reference_fp32(device, value, shapes, starts, locations, weights)
 
 
 @pytest.mark.parametrize("device", DEVICES)
