@@ -194,8 +194,17 @@ def stage_medians(result: dict[str, Any]) -> dict[str, float]:
 def timer_for(model: nn.Module, criterion: nn.Module, device: str) -> StageTimer:
     """Forward stages, the matcher (all calls), the criterion, backward and optimizer."""
     matcher = criterion.matcher
-    return StageTimer(stages={**forward_stages(model), "matcher": [matcher], "criterion": [criterion],
-                              "backward": [], "optimizer": []}, sync=lambda: synchronize(device))
+    timer = StageTimer(stages={**forward_stages(model), "matcher": [matcher], "criterion": [criterion],
+                               "backward": [], "optimizer": []}, sync=lambda: synchronize(device))
+    if hasattr(matcher, "match_sets"):  # m2f's criterion matches all sets with one call that is not forward
+        match_sets = matcher.match_sets
+
+        def timed_match_sets(*args: Any, **kwargs: Any) -> Any:
+            with timer.measure("matcher"):
+                return match_sets(*args, **kwargs)
+
+        matcher.match_sets = timed_match_sets
+    return timer
 
 
 def compare(*, backbone: str = "r50", size: int = 512, batch: int = 2, device: str = "cpu", precision: str = "fp32",

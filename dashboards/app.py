@@ -3,19 +3,16 @@
     m2f dashboard RUN_DIR [RUN_DIR ...]                      # or:
     panel serve dashboards/app.py --args RUN_DIR [RUN_DIR ...]
 
-The files here are scripts that import each other by module name (common, attention, ...): `panel serve`
-puts the served file's folder first on sys.path. In JupyterLab put that folder there yourself, then
-`from common import extensions; extensions(inline=True)` and `build_app([...])` as the cell's last
-expression (see docs/dashboards.md).
+In JupyterLab: `from dashboards.common import extensions; extensions(inline=True)`, then
+`build_app([...])` as the cell's last expression (see docs/dashboards.md).
 """
 
 import panel as pn
 
-# The modules beside this file: `panel serve` runs a dashboard with its own folder first on sys.path.
-from attention import AttentionExplorer
-from common import alert, extensions, runs_from_args
-from layer_metrics import LayerMetrics
-from proposals import ProposalsExplorer
+from dashboards.attention import AttentionExplorer
+from dashboards.common import alert, extensions, runs_from_args
+from dashboards.layer_metrics import LayerMetrics
+from dashboards.proposals import ProposalsExplorer
 
 
 def build_app(runs: list[str]) -> pn.Column:

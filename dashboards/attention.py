@@ -17,8 +17,7 @@ import numpy as np
 import panel as pn
 import param
 
-# dashboards/common.py: `panel serve` runs a dashboard with its own folder first on sys.path.
-from common import (
+from dashboards.common import (
     NO_RUN,
     ImagePicker,
     alert,
@@ -29,7 +28,6 @@ from common import (
     run_label,
     runs_from_args,
 )
-
 from m2f.capture import LEVEL_NAMES, MASK_STRIDE, ImageRef, forward
 from m2f.overlay import overlay, palette, resize_rgb
 from m2f.run_dir import RunDir

@@ -15,9 +15,7 @@ import holoviews as hv
 import panel as pn
 import param
 
-# dashboards/common.py: `panel serve` runs a dashboard with its own folder first on sys.path.
-from common import alert, extensions, guarded, run_label, runs_from_args
-
+from dashboards.common import alert, extensions, guarded, run_label, runs_from_args
 from m2f.run_dir import LAYER_METRICS, RunDir, layer_curves
 
 CURVE = {"width": 460, "height": 280, "tools": ["hover"], "show_grid": True, "legend_position": "bottom_right"}

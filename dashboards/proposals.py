@@ -16,8 +16,7 @@ import numpy as np
 import panel as pn
 import param
 
-# dashboards/common.py: `panel serve` runs a dashboard with its own folder first on sys.path.
-from common import (
+from dashboards.common import (
     ImagePicker,
     alert,
     extensions,
@@ -27,7 +26,6 @@ from common import (
     run_label,
     runs_from_args,
 )
-
 from m2f.capture import Capture, forward
 from m2f.inference import evaluate_run
 from m2f.overlay import mosaic, query_tiles

@@ -105,10 +105,14 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 
 def cmd_dashboard(args: argparse.Namespace) -> None:
     import subprocess
+    from importlib.util import find_spec
 
-    app = Path(__file__).resolve().parents[1] / "dashboards" / "app.py"
-    if not app.is_file():
-        raise FileNotFoundError(f"{app} not found: `m2f dashboard` needs a source checkout of m2f")
+    # The `dashboards` package is installed with m2f (editable or from a wheel); panel serves its file.
+    spec = find_spec("dashboards.app")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("the m2f dashboards (package `dashboards`) are not installed: reinstall m2f "
+                                "(`make venv` or `pip install .` from the repository)")
+    app = Path(spec.origin)
     command = [sys.executable, "-m", "panel", "serve", str(app), "--address", args.address, "--port", str(args.port),
                f"--allow-websocket-origin={args.address}:{args.port}", *(["--show"] if args.show else []),
                *(["--args", *args.runs] if args.runs else [])]

@@ -3,8 +3,6 @@ cross-attention), what they render (HoloViews data, Bokeh models) and their mess
 
 import io
 import shutil
-import sys
-from pathlib import Path
 
 import holoviews as hv
 import numpy as np
@@ -13,17 +11,13 @@ import pytest
 import torch
 from bokeh.models import GlyphRenderer
 from bokeh.models import Image as ImageGlyph
+from fixtures_run import ITERATIONS, make_runs
 from PIL import Image
 
-# The dashboards are scripts that import each other by module name (as under `panel serve`).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dashboards"))
-
-from app import build_app
-from attention import AttentionExplorer
-from fixtures_run import ITERATIONS, make_runs
-from layer_metrics import LayerMetrics
-from proposals import ProposalsExplorer
-
+from dashboards.app import build_app
+from dashboards.attention import AttentionExplorer
+from dashboards.layer_metrics import LayerMetrics
+from dashboards.proposals import ProposalsExplorer
 from m2f.capture import MASK_STRIDE, decode_upload, forward
 from m2f.checkpoint import load, save_atomic
 from m2f.overlay import colorize, mosaic

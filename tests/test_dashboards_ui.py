@@ -9,15 +9,10 @@ import hashlib
 import os
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-
-# The dashboards are scripts that import each other by module name (as under `panel serve`).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dashboards"))
-
 from fixtures_run import make_runs
 
 pytestmark = pytest.mark.ui
@@ -59,8 +54,9 @@ def chromium_browser():
 def served(tmp_path_factory):
     import holoviews as hv
     import panel as pn
-    from app import build_app
     from panel.tests.util import wait_for_server
+
+    from dashboards.app import build_app
 
     hv.extension("bokeh")
     # Longer than the browser-free tests' runs, so that some masks are no longer empty in the screenshots.

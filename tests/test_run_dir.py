@@ -6,14 +6,9 @@ One tiny run (4 iterations on 3 validation images) is trained once; each test wo
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
-
-# The dashboards are scripts that import each other by module name (as under `panel serve`).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dashboards"))
-
 from fixtures_run import FAST
 
 from m2f.checkpoint import load, save_atomic
@@ -57,9 +52,8 @@ def _retrain(run):
 def test_a_few_image_evaluation_is_not_shown_as_the_runs_metrics_and_nothing_stale_is_served(run):
     """Issue 14: one click of the Proposals tab's evaluate button made the per-layer tab show its
     1-image numbers as the run's, and kept showing them after the checkpoint changed."""
-    from layer_metrics import LayerMetrics
-    from proposals import ProposalsExplorer
-
+    from dashboards.layer_metrics import LayerMetrics
+    from dashboards.proposals import ProposalsExplorer
     from m2f.experiment import evaluate_run
 
     full = evaluate_run(run, layers="all", proposals=True, progress=False)
@@ -80,9 +74,9 @@ def test_a_few_image_evaluation_is_not_shown_as_the_runs_metrics_and_nothing_sta
 
 def test_a_partial_evaluation_alone_is_shown_labelled_as_partial(run):
     import holoviews as hv
-    from layer_metrics import LayerMetrics
-    from proposals import ProposalsExplorer
 
+    from dashboards.layer_metrics import LayerMetrics
+    from dashboards.proposals import ProposalsExplorer
     from m2f.run_dir import RunDir
 
     proposals = ProposalsExplorer(runs=[str(run)])
