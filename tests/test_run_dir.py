@@ -112,10 +112,14 @@ def test_the_cache_is_keyed_by_checkpoint_images_layers_and_task(run, monkeypatc
 
 
 def test_committed_results_of_earlier_versions_stay_readable(run):
-    """results/ holds eval_layers.json (the experiment's old cache) and no checkpoints."""
+    """results/ holds runs without checkpoints, some with eval_layers.json (the experiment's old cache, in
+    the Figure II investigation runs) and the demo's with evaluations.json: both are served as recorded."""
     from m2f.run_dir import RunDir
 
-    committed = Path(__file__).resolve().parents[1] / "results" / "tiny" / "rows" / "panoptic-mask2former" / "run"
+    results = Path(__file__).resolve().parents[1] / "results"
+    current = RunDir.at(results / "tiny" / "rows" / "panoptic-mask2former" / "run").layer_evaluation(proposals=True)
+    assert current is not None and len(current.metrics["layers"]) == 10  # its checkpoint only where make demo ran
+    committed = results / "tiny-figure2-1500iters" / "rows" / "panoptic-mask2former" / "run"
     evaluation = RunDir.at(committed).layer_evaluation(proposals=True)
     assert evaluation is not None and not evaluation.checkpoint_present and not evaluation.is_partial
     assert len(evaluation.metrics["layers"]) == 10 and "recorded" in evaluation.describe()
