@@ -96,13 +96,15 @@ def test_float32_agrees_until_an_attention_mask_cell_flips(pair_float64, size):
     report(f"{backbone} float32 {size[0]}x{size[1]}", diffs)
     print(f"{backbone} float32 {size[0]}x{size[1]} flipped attention-mask cells per layer: "
           f"{[f['cells'] for f in flips]}")
-    cells = out["capture"][0]["attend_mask"].numel()
-    for layer, flip in enumerate(flips):
-        assert flip["cells"] <= 1e-4 * cells and flip["max_abs_logit"] < FLIP_LOGIT, (layer, flip)
-    # Prediction set i + 1 comes from the layer that used prediction set i's mask (capture index i).
+    # Prediction set i + 1 comes from the layer that used prediction set i's mask (capture index i). Up to
+    # the first layer with a flip, both models saw the same masks: every set agrees, and that layer's flips
+    # are few and at logits within rounding of 0. After it the models legitimately diverge.
     first_flip = next((layer for layer, flip in enumerate(flips) if flip["cells"]), len(flips))
     for i in range(first_flip + 1):
         assert max(diffs[i].values()) <= FLOAT32_TOLERANCE, (i, diffs[i])
+    if first_flip < len(flips):
+        flip, cells = flips[first_flip], out["capture"][first_flip]["attend_mask"].numel()
+        assert flip["cells"] <= max(10, 1e-3 * cells) and flip["max_abs_logit"] < FLIP_LOGIT, (first_flip, flip)
 
 
 def test_float32_comparison_detects_a_wrong_weight(pair_float64):
