@@ -107,6 +107,28 @@ def test_float32_agrees_until_an_attention_mask_cell_flips(pair_float64, size):
         assert flip["cells"] <= max(10, 1e-3 * cells) and flip["max_abs_logit"] < FLIP_LOGIT, (first_flip, flip)
 
 
+def test_attention_mask_flips_counts_cells_and_their_logits():
+    """Synthetic outputs: transformers' set 0 differs from m2f's by one logit pushed across 0 (+-1e-5) and
+    one far from it (0.5 -> -0.5); the helper sees 2 flipped cells, the largest |logit| 0.5."""
+    from m2f.transformer_decoder import attention_mask
+
+    g = torch.Generator().manual_seed(0)
+    ours_logits = 2 + torch.rand(1, 3, 8, 8, generator=g)  # all attended
+    theirs_logits = ours_logits.clone()
+    theirs_logits[0, 1, 2:4, 2:4] = 1e-5  # a 2x2 block -> one cell of the 4x4 level, within rounding of 0
+    ours_logits[0, 1, 2:4, 2:4] = -1e-5
+    theirs_logits[0, 2, 4:6, 4:6], ours_logits[0, 2, 4:6, 4:6] = -0.5, 0.5
+    shapes = [(4, 4)]
+    ours = {"pred_logits": torch.zeros(1, 3, 2), "pred_masks": ours_logits, "aux_outputs": [
+        {"pred_logits": torch.zeros(1, 3, 2), "pred_masks": ours_logits}],
+        "capture": [{"attend_mask": ~attention_mask(ours_logits, shapes), "level_shapes": shapes}]}
+    theirs = SimpleNamespace(class_queries_logits=torch.zeros(1, 3, 2), masks_queries_logits=theirs_logits,
+                             auxiliary_logits=[{"class_queries_logits": torch.zeros(1, 3, 2),
+                                                "masks_queries_logits": theirs_logits}])
+    [flip] = attention_mask_flips(ours, theirs)
+    assert flip["cells"] == 2 and flip["max_abs_logit"] == pytest.approx(0.5)
+
+
 def test_float32_comparison_detects_a_wrong_weight(pair_float64):
     """The float32 check is not vacuous: one wrong decoder weight fails it."""
     _, theirs, ours = float32_copy(pair_float64)
