@@ -104,6 +104,7 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> None:
+    import signal
     import subprocess
     from importlib.util import find_spec
 
@@ -117,7 +118,36 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
                f"--allow-websocket-origin={args.address}:{args.port}", *(["--show"] if args.show else []),
                *(["--args", *args.runs] if args.runs else [])]
     print(f"m2f dashboard: http://{args.address}:{args.port}/app (Ctrl+C stops it)", flush=True)
-    raise SystemExit(subprocess.call(command))
+
+    def die_with_parent() -> None:
+        # Linux: the server gets SIGTERM when this process dies, even by SIGKILL (when no handler runs).
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+    # Its own process group: Ctrl+C then reaches the server once, forwarded from here, as `kill PID` does.
+    child = subprocess.Popen(command, preexec_fn=die_with_parent, process_group=0)
+
+    def forward(signum: int, _frame: object) -> None:
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if child.poll() is None:  # an error here (not a signal) must not leave the server behind
+            child.terminate()
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+    # A server stopped by a signal is a normal end of `m2f dashboard`, not a failure.
+    raise SystemExit(0 if code in (-signal.SIGINT, -signal.SIGTERM) else code)
 
 
 def main(argv: list[str] | None = None) -> None:
