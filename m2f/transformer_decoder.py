@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from m2f.position_encoding import sine_position_encoding
+from m2f.smca import SpatialPrior, level_coordinates
 
+ATTENTION_TYPES = ("masked", "cross", "mask_pooling", "smca")
 LEVEL_SCHEDULES = {
     "round_robin": None,  # layer i uses level i mod 3
     "single_1/32": (0,),
@@ -28,29 +30,44 @@ LEVEL_SCHEDULES = {
 
 
 class CrossAttentionLayer(nn.Module):
-    """Masked (or standard) cross-attention from queries to one level's pixels, residual and LayerNorm."""
+    """Masked (or standard) cross-attention from queries to one level's pixels, residual and LayerNorm.
 
-    def __init__(self, *, dim: int, nheads: int, dropout: float, pre_norm: bool):
+    With `spatial_prior` it is SMCA (Table 4c): the logits get each query's Gaussian-like log-weight map
+    (`m2f.smca`) added before the softmax.
+    """
+
+    def __init__(self, *, dim: int, nheads: int, dropout: float, pre_norm: bool, spatial_prior: bool = False):
         super().__init__()
         self.multihead_attn = nn.MultiheadAttention(dim, nheads, dropout=dropout, batch_first=True)
         self.norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
         self.pre_norm = pre_norm
+        # Only SMCA has the submodule, so the other variants keep the original's state-dict keys.
+        self.spatial_prior = SpatialPrior(dim=dim, nheads=nheads) if spatial_prior else None
 
     def forward(self, tgt: Tensor, memory: Tensor, *, blocked: Tensor | None, pos: Tensor, query_pos: Tensor,
-                need_weights: bool) -> tuple[Tensor, Tensor | None]:
+                need_weights: bool, coords: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """
         Args:
             tgt: (B, Q, C) query features; memory, pos: (B, S, C) pixel features and their encoding.
             blocked: (B, Q, S) bool, True where a query may not attend; None for standard cross-attention.
             query_pos: (B, Q, C) the learnable positional query embedding.
             need_weights: also return the per-head attention weights (B, M, Q, S).
+            coords: (S, 2) normalised (x, y) of the memory's pixels; needed by the spatial prior only.
         """
         q = self.norm(tgt) if self.pre_norm else tgt
+        heads = self.multihead_attn.num_heads
         attn_mask = None
         if blocked is not None:
-            heads = self.multihead_attn.num_heads
-            attn_mask = blocked[:, None].expand(-1, heads, -1, -1).flatten(0, 1)  # (B*M, Q, S)
+            attn_mask = blocked[:, None].expand(-1, heads, -1, -1)  # (B, M, Q, S)
+        if self.spatial_prior is not None:
+            if coords is None:
+                raise ValueError("the spatial prior (SMCA) needs the coordinates of the attended pixels")
+            bias = self.spatial_prior(q + query_pos, coords)  # (B, M, Q, S)
+            attn_mask = bias if attn_mask is None else bias.masked_fill(attn_mask, float("-inf"))
+            attn_mask = attn_mask.to(_attention_dtype(q))
+        if attn_mask is not None:
+            attn_mask = attn_mask.flatten(0, 1)  # (B*M, Q, S), the layout nn.MultiheadAttention takes
         out, weights = self.multihead_attn(q + query_pos, memory + pos, memory, attn_mask=attn_mask,
                                            need_weights=need_weights, average_attn_weights=False)
         tgt = tgt + self.dropout(out)
@@ -70,8 +87,8 @@ class MaskPoolingLayer(nn.Module):
         self.pre_norm = pre_norm
 
     def forward(self, tgt: Tensor, memory: Tensor, *, blocked: Tensor | None, pos: Tensor, query_pos: Tensor,
-                need_weights: bool) -> tuple[Tensor, Tensor | None]:
-        """Same interface as `CrossAttentionLayer`; `pos` and `query_pos` are unused by pooling."""
+                need_weights: bool, coords: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Same interface as `CrossAttentionLayer`; `pos`, `query_pos` and `coords` are unused by pooling."""
         if blocked is None:
             raise ValueError("mask pooling needs the predicted masks (blocked must not be None)")
         weights = (~blocked).to(memory.dtype)
@@ -141,7 +158,8 @@ class MaskedTransformerDecoder(nn.Module):
         num_layers: decoder layers (9 = 3 rounds over 3 scales).
         pre_norm: pre-LayerNorm instead of the default post-norm.
         dropout: in attention and FFN (0 in Mask2Former; 0.1 in MaskFormer, Table 4b).
-        attention: "masked" (Mask2Former), "cross" (standard cross-attention), "mask_pooling" (K-Net).
+        attention: "masked" (Mask2Former), "cross" (standard cross-attention), "mask_pooling" (K-Net),
+            "smca" (standard cross-attention with SMCA's spatial prior, `m2f.smca`) (Table 4c).
         feature_scales: a key of `LEVEL_SCHEDULES` (Table 4d).
         query_features: "learnable_supervised" / "learnable" (nn.Embedding) or "zero" (DETR) initial
             query features (Table XI b). Whether prediction #0 is supervised is the loss's business.
@@ -155,7 +173,7 @@ class MaskedTransformerDecoder(nn.Module):
                  feature_scales: str = "round_robin", query_features: str = "learnable_supervised",
                  layer_order: str = "cross_first", num_levels: int = 3):
         super().__init__()
-        _check_choice("attention", attention, ("masked", "cross", "mask_pooling"))
+        _check_choice("attention", attention, ATTENTION_TYPES)
         _check_choice("feature_scales", feature_scales, tuple(LEVEL_SCHEDULES))
         _check_choice("query_features", query_features, ("learnable_supervised", "learnable", "zero"))
         _check_choice("layer_order", layer_order, ("cross_first", "self_first"))
@@ -166,7 +184,8 @@ class MaskedTransformerDecoder(nn.Module):
         def cross_layer() -> nn.Module:
             if attention == "mask_pooling":
                 return MaskPoolingLayer(dim=hidden_dim, dropout=dropout, pre_norm=pre_norm)
-            return CrossAttentionLayer(dim=hidden_dim, nheads=nheads, dropout=dropout, pre_norm=pre_norm)
+            return CrossAttentionLayer(dim=hidden_dim, nheads=nheads, dropout=dropout, pre_norm=pre_norm,
+                                       spatial_prior=attention == "smca")
 
         self.transformer_cross_attention_layers = nn.ModuleList(cross_layer() for _ in range(num_layers))
         self.transformer_self_attention_layers = nn.ModuleList(
@@ -241,9 +260,12 @@ class MaskedTransformerDecoder(nn.Module):
                 break
             memory = torch.cat([srcs[lv] for lv in levels], 1)
             memory_pos = torch.cat([pos[lv] for lv in levels], 1)
-            if self.attention == "cross":
+            coords = None
+            if self.attention in ("cross", "smca"):
                 blocked = None
-            tgt, weights = self._layer(i, tgt, memory, memory_pos, query_pos, blocked, capture)
+            if self.attention == "smca":
+                coords = level_coordinates([shapes[lv] for lv in levels], device=memory.device, dtype=memory.dtype)
+            tgt, weights = self._layer(i, tgt, memory, memory_pos, query_pos, blocked, coords, capture)
             if capture:
                 captured.append({
                     "attn_weights": weights,
@@ -262,18 +284,18 @@ class MaskedTransformerDecoder(nn.Module):
         return out
 
     def _layer(self, i: int, tgt: Tensor, memory: Tensor, memory_pos: Tensor, query_pos: Tensor,
-               blocked: Tensor | None, capture: bool) -> tuple[Tensor, Tensor | None]:
+               blocked: Tensor | None, coords: Tensor | None, capture: bool) -> tuple[Tensor, Tensor | None]:
         cross = self.transformer_cross_attention_layers[i]
         self_attn = self.transformer_self_attention_layers[i]
         weights = None
         if self.layer_order == "cross_first":
             tgt, weights = cross(tgt, memory, blocked=blocked, pos=memory_pos, query_pos=query_pos,
-                                 need_weights=capture)
+                                 need_weights=capture, coords=coords)
             tgt = self_attn(tgt, query_pos)
         else:
             tgt = self_attn(tgt, query_pos)
             tgt, weights = cross(tgt, memory, blocked=blocked, pos=memory_pos, query_pos=query_pos,
-                                 need_weights=capture)
+                                 need_weights=capture, coords=coords)
         return self.transformer_ffn_layers[i](tgt), weights
 
     def _prediction_heads(self, tgt: Tensor, mask_features: Tensor, target_shapes: list[tuple[int, int]]
@@ -307,6 +329,13 @@ def attention_mask(mask_logits: Tensor, target_shapes: list[tuple[int, int]]) ->
         ], -1).sigmoid() < 0.5
         blocked[blocked.all(-1)] = False
     return blocked
+
+
+def _attention_dtype(query: Tensor) -> torch.dtype:
+    """The dtype nn.MultiheadAttention computes its logits in: under autocast its projections run in the
+    autocast dtype, and a float attention bias must match it."""
+    device = query.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
