@@ -17,11 +17,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-AttentionType = Literal["masked", "cross", "mask_pooling"]
+AttentionType = Literal["masked", "cross", "mask_pooling", "smca"]
 FeatureScales = Literal["round_robin", "single_1/32", "single_1/16", "single_1/8", "naive_multiscale"]
 QueryFeatures = Literal["learnable_supervised", "learnable", "zero"]
 LayerOrder = Literal["cross_first", "self_first"]
-PixelDecoderType = Literal["msdeformattn", "fpn"]
+PixelDecoderType = Literal["msdeformattn", "fpn", "semantic_fpn", "fapn", "bifpn"]
 DeformImpl = Literal["auto", "torch", "cpu", "cuda"]
 Task = Literal["panoptic", "instance", "semantic"]
 
