@@ -93,14 +93,27 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
-    from m2f.reproduce import list_tables, reproduce
+    from m2f.reproduce import Local, Slurm, format_status, list_tables, plan, reproduce
 
     if args.list or not args.table:
         print(list_tables())
         return
+    common = {"scale": args.scale, "data": args.data, "out": args.out, "max_iters": args.iters, "seeds": args.seeds,
+              "seed": args.seed, "overrides": args.overrides}
+    if args.status:
+        for table in args.table:
+            gpus = args.gpus_per_job if args.launcher == "slurm" and args.gpus_per_job > 1 else 0
+            print(format_status(plan(table, **common, nproc_per_node=gpus)))
+        return
+    if args.launcher == "slurm":
+        out = Path(args.out or Path("results") / args.scale).resolve()
+        launcher = Slurm(jobs=args.jobs, folder=out / "slurm", partition=args.partition, gpus_per_job=args.gpus_per_job,
+                         cpus_per_job=args.cpus_per_job, nodes=args.nodes, time_min=args.time, account=args.account,
+                         mem=args.mem, sbatch=tuple(args.sbatch), setup=tuple(args.slurm_setup))
+    else:
+        launcher = Local(jobs=args.jobs)
     for table in args.table:
-        reproduce(table, scale=args.scale, data=args.data, out=args.out, max_iters=args.iters, seed=args.seed,
-                  overrides=args.overrides)
+        reproduce(table, **common, launcher=launcher)
 
 
 def cmd_dashboard(args: argparse.Namespace) -> None:
@@ -214,9 +227,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", default=None, help="dataset root (default OUT/data, generated at tiny/small scale)")
     p.add_argument("--out", default=None, help="output folder (default results/SCALE)")
     p.add_argument("--iters", type=int, default=0, help="training iterations per row (default: the scale's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=None, help="trainings per row (default: tiny/small 3, paper 1)")
+    p.add_argument("--seed", type=int, default=0, help="the first seed (seeds SEED..SEED+SEEDS-1)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field of every row (repeatable)")
+    p.add_argument("--status", action="store_true", help="show every row/seed: pending, running, done, failed")
+    p.add_argument("--launcher", default="local", choices=["local", "slurm"], help="where the rows/seeds run")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="rows/seeds at the same time (local: pinned worker processes; slurm: array parallelism)")
+    g = p.add_argument_group("slurm (--launcher slurm; submitit job array, requeued on preemption/timeout)")
+    g.add_argument("--partition", default="")
+    g.add_argument("--gpus-per-job", type=int, default=0, help=">1: the row trains under torchrun on them")
+    g.add_argument("--cpus-per-job", type=int, default=1)
+    g.add_argument("--nodes", type=int, default=1)
+    g.add_argument("--time", type=int, default=60, help="time limit per job in minutes")
+    g.add_argument("--account", default="")
+    g.add_argument("--mem", default="", help="memory per job, e.g. 64G")
+    g.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE", help="extra #SBATCH option (repeatable)")
+    g.add_argument("--slurm-setup", action="append", default=[], metavar="LINE",
+                   help="shell line run in the job first (module load ..., repeatable)")
     p.set_defaults(fn=cmd_reproduce)
 
     p = sub.add_parser("dashboard", help="serve the Panel dashboards (attention, proposals, per-layer metrics)")

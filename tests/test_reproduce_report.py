@@ -1,24 +1,13 @@
 """The reproduction report: ours beside the paper's, differences to the baseline, and an honest direction."""
 
 import csv
+import dataclasses
 import io
 
 import pytest
 
-from m2f.reproduce.report import RowResult, direction, markdown, row_values, to_csv, to_html
+from m2f.reproduce.report import RowResult, markdown, row_values, to_csv, to_html
 from m2f.reproduce.tables import TABLES
-
-
-@pytest.mark.parametrize(("ours", "base", "paper", "paper_base", "expected"), [
-    (20.0, 30.0, 47.1, 51.9, "agrees"),           # both lower
-    (35.0, 30.0, 47.1, 51.9, "disagrees"),        # ours higher, paper lower
-    (35.0, 30.0, 52.2, 51.9, "agrees"),           # both higher
-    (30.0, 30.0, 47.1, 51.9, "no change in ours"),
-    (20.0, 30.0, 47.2, 47.2, ""),                 # the paper saw no change: nothing to judge
-    (None, 30.0, 47.1, 51.9, ""),                 # a row without our number
-])
-def test_direction(ours, base, paper, paper_base, expected):
-    assert direction(ours, base, paper, paper_base) == expected
 
 
 def table4a_results(cross_pq: float) -> list[RowResult]:
@@ -33,14 +22,19 @@ def test_markdown_judges_every_metric_against_the_baseline():
     line = next(ln for ln in text.splitlines() if ln.startswith("| - masked attention"))
     # PQ 20 vs 30 (paper 47.1 vs 51.9): both lower; AP 12 vs 10 (paper 37.8 vs 43.7): opposite.
     assert "20.0 / 47.1" in line and "PQ -10.0 / -4.8" in line
-    assert "PQ agrees" in line and "AP disagrees" in line and "mIoU agrees" in line
-    assert "**Direction agrees with the paper in 2 of 3 comparisons.**" in text
+    assert "PQ sign agrees (1 seed)" in line and "AP sign disagrees (1 seed)" in line
+    assert "mIoU sign agrees (1 seed)" in line
+    assert "the sign agrees with the paper in 2 of 3 comparisons, but one seed cannot separate" in text
     assert "## Failed rows" in text and "cell 5: ValueError: bad" in text
     assert "[Mask2Former (ours)](rows/a/02_ablation.ipynb)" in text
 
 
 def test_rows_m2f_does_not_implement_keep_the_paper_number():
+    # Every row of the tables trains since SMCA became a config value; one without a variant still must show
+    # the paper's number.
     table = TABLES["table4c"]
+    table = dataclasses.replace(table, rows=tuple(dataclasses.replace(row, variant=None) if row.label == "SMCA"
+                                                  else row for row in table.rows))
     results = [RowResult(row, "not implemented" if row.variant is None else "done",
                          {} if row.variant is None else {"PQ": 1.0}) for row in table.rows]
     line = next(ln for ln in markdown(table, "tiny", results, setting="").splitlines() if ln.startswith("| SMCA"))
@@ -65,8 +59,9 @@ def test_csv_and_html_hold_one_record_per_row_and_metric():
     assert len(records) == 3 * 3
     cross = {r["metric"]: r for r in records if r["row"] == "- masked attention"}
     assert float(cross["PQ"]["paper"]) == table.rows[1].paper["PQ"]
-    assert float(cross["AP"]["delta_ours"]) == pytest.approx(2.0)
-    assert cross["AP"]["direction"] == "disagrees"
+    assert float(cross["AP"]["baseline_diff"]) == pytest.approx(2.0)
+    assert cross["AP"]["verdict"] == "sign disagrees (1 seed)"
+    assert cross["AP"]["seeds"] == "1" and cross["AP"]["values"] == "12" and cross["AP"]["table"] == "table4a"
     page = to_html(table, "tiny", results)
     assert page.count("<tr>") == 1 + len(records)
 
@@ -79,7 +74,7 @@ def test_row_values_reports_training_memory_in_gigabytes():
 def test_a_row_is_done_only_with_the_same_params_and_its_inputs_in_place(tmp_path):
     import os
 
-    from m2f.reproduce.runner import _is_done
+    from m2f.reproduce.jobs import Job, is_done
 
     checkpoint = tmp_path / "run" / "checkpoint.pth"
     checkpoint.parent.mkdir()
@@ -87,9 +82,13 @@ def test_a_row_is_done_only_with_the_same_params_and_its_inputs_in_place(tmp_pat
     (tmp_path / "metrics.json").write_text("{}")
     (tmp_path / "params.json").write_text('{"seed": 0}')
     os.utime(checkpoint, ns=(1, 1))
-    assert _is_done(tmp_path, {"seed": 0}, [checkpoint])
-    assert not _is_done(tmp_path, {"seed": 1}, [checkpoint])              # other parameters
+
+    def job(params):
+        return Job("row", "02_ablation.ipynb", tmp_path, params, inputs=(checkpoint,))
+
+    assert is_done(job({"seed": 0}))
+    assert not is_done(job({"seed": 1}))                                  # other parameters
     os.utime(checkpoint, ns=(2**62, 2**62))
-    assert not _is_done(tmp_path, {"seed": 0}, [checkpoint])              # retrained after the metrics
+    assert not is_done(job({"seed": 0}))                                  # retrained after the metrics
     checkpoint.unlink()
-    assert not _is_done(tmp_path, {"seed": 0}, [checkpoint])              # a fresh clone: no checkpoint
+    assert not is_done(job({"seed": 0}))                                  # a fresh clone: no checkpoint

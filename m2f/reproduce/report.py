@@ -1,32 +1,39 @@
-"""The report of a reproduced table: ours beside the paper's, the differences, and the direction.
+"""The report of a reproduced table: ours (mean, spread and every seed) beside the paper's, and a verdict.
 
-An ablation's *direction* agrees when removing or changing a component moves our metric the same
-way as the paper's, both measured against the table's baseline row. A paper difference under
-`NO_CHANGE` counts as "no change" and is not judged. Figures carry their own claims (computed by
-their notebook, `m2f.reproduce.figures`).
+Every metric of every row is compared with the table's baseline row and with the paper's direction by
+`m2f.reproduce.verdict` (Welch's t-test over the seeds: agrees / within noise / disagrees). Figures also
+carry their own claims (computed by their notebook once per seed, `m2f.reproduce.figures`).
+
+The same records give TABLE.md, TABLE.csv (long format: one line per row and metric) and TABLE.html.
 """
 
 import csv
 import html
 import io
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from m2f.reproduce.tables import Row, Table
+from m2f.reproduce.verdict import TEST, UNTESTED, VERDICTS, compare, mean_std
 
-NO_CHANGE = 0.05  # differences smaller than this (in the metric's units) count as equal
+COLUMNS = ("table", "row", "metric", "seeds", "mean", "std", "values", "paper", "baseline_diff", "ci_low", "ci_high",
+           "paper_diff", "verdict", "status")
 
 
 @dataclass
 class RowResult:
-    """What running one row gave.
+    """What running one row (all its seeds) gave.
 
     Args:
         row: the table row.
         status: "done", "failed", "not implemented" or "not at this scale".
-        values: metric -> our value (the table's metrics only).
-        error: for failed rows, the notebook, the cell and the exception.
-        notebook: the executed notebook (relative to the report).
+        values: metric -> our value (the mean over `samples` when there are several seeds).
+        error: for failed rows, the notebook, the cell and the exception (of every failed seed).
+        notebook: the executed notebook of the first seed (relative to the report).
+        samples: metric -> the value of every finished seed, in seed order (empty: `values` is one seed).
+        seeds: the seeds behind `samples`.
+        notebooks: the executed notebook of every seed.
     """
 
     row: Row
@@ -34,6 +41,15 @@ class RowResult:
     values: dict[str, float] = field(default_factory=dict)
     error: str = ""
     notebook: str = ""
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=list)
+    notebooks: list[str] = field(default_factory=list)
+
+    def values_of(self, metric: str) -> list[float]:
+        """Every seed's value of `metric` ([] when it was not measured)."""
+        if metric in self.samples:
+            return self.samples[metric]
+        return [self.values[metric]] if metric in self.values else []
 
 
 def row_values(summary: dict[str, Any], metrics: tuple[str, ...]) -> dict[str, float]:
@@ -44,38 +60,37 @@ def row_values(summary: dict[str, Any], metrics: tuple[str, ...]) -> dict[str, f
     return values
 
 
-def direction(ours: float | None, ours_base: float | None, paper: float | None, paper_base: float | None) -> str:
-    """"agrees" / "disagrees" / "no change in ours" / "" (nothing to compare or no change in the paper)."""
-    if None in (ours, ours_base, paper, paper_base):
-        return ""
-    d_paper, d_ours = paper - paper_base, ours - ours_base
-    if abs(d_paper) < NO_CHANGE:
-        return ""
-    if abs(d_ours) < NO_CHANGE:
-        return "no change in ours"
-    return "agrees" if (d_ours > 0) == (d_paper > 0) else "disagrees"
-
-
 def comparisons(table: Table, results: list[RowResult]) -> list[dict[str, Any]]:
-    """One record per (row, metric): ours, paper, both differences to the baseline, direction."""
+    """One record per (row, metric), the `COLUMNS`: our seeds' statistics, the paper's number, the
+    difference to the baseline row with its 95% interval, the paper's difference, the verdict."""
     base = next((r for r in results if r.row.baseline), None)
     records = []
     for result in results:
         for metric in table.metrics:
-            ours, paper = result.values.get(metric), result.row.paper.get(metric)
-            if ours is None and paper is None:
+            ours, paper = result.values_of(metric), result.row.paper.get(metric)
+            if not ours and paper is None:
                 continue
-            record = {"row": result.row.label, "metric": metric, "ours": ours, "paper": paper, "status": result.status,
-                      "delta_ours": None, "delta_paper": None, "direction": ""}
+            mean, std = mean_std(ours) if ours else (None, None)
+            record = {"table": table.name, "row": result.row.label, "metric": metric, "seeds": len(ours),
+                      "mean": mean, "std": std, "values": ";".join(f"{v:.6g}" for v in ours), "paper": paper,
+                      "baseline_diff": None, "ci_low": None, "ci_high": None, "paper_diff": None, "verdict": "",
+                      "status": result.status}
             if base is not None and result is not base:
-                ours_base, paper_base = base.values.get(metric), base.row.paper.get(metric)
-                if ours is not None and ours_base is not None:
-                    record["delta_ours"] = ours - ours_base
+                paper_base = base.row.paper.get(metric)
                 if paper is not None and paper_base is not None:
-                    record["delta_paper"] = paper - paper_base
-                record["direction"] = direction(ours, ours_base, paper, paper_base)
+                    record["paper_diff"] = paper - paper_base
+                comparison = compare(ours, base.values_of(metric), paper, paper_base)
+                if comparison is not None:
+                    record.update(baseline_diff=comparison.diff, ci_low=comparison.low, ci_high=comparison.high,
+                                  verdict=comparison.verdict)
             records.append(record)
     return records
+
+
+def verdict_counts(verdicts: list[str]) -> dict[str, int]:
+    """{"agrees", "within noise", "disagrees", "1 seed"}: how many judged comparisons gave each."""
+    counts = Counter(verdicts)
+    return {**{v: counts[v] for v in VERDICTS}, "1 seed": sum(counts[v] for v in UNTESTED)}
 
 
 def _fmt(value: float | None, signed: bool = False) -> str:
@@ -86,47 +101,88 @@ def _fmt(value: float | None, signed: bool = False) -> str:
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
+def _ours(record: dict[str, Any]) -> str:
+    if record["mean"] is None:
+        return ""
+    return _fmt(record["mean"]) + (f" ± {_fmt(record['std'])}" if record["seeds"] > 1 else "")
+
+
+def _delta(record: dict[str, Any]) -> str:
+    ours = _fmt(record["baseline_diff"], True) or "?"
+    if record["ci_low"] is not None:
+        ours += f" [{_fmt(record['ci_low'], True)}, {_fmt(record['ci_high'], True)}]"
+    return f"{record['metric']} {ours} / {_fmt(record['paper_diff'], True) or '?'}"
+
+
 def markdown(table: Table, scale: str, results: list[RowResult], *, setting: str,
              claims: list[dict[str, Any]] = (), figures: list[str] = ()) -> str:
-    """The report as markdown: the table, the verdict, the figure(s), the failures, the notebooks."""
+    """The report as markdown: the table, the verdicts and their test, every seed's values, the figure(s),
+    the failures, the notebooks."""
     records = comparisons(table, results)
     by_row: dict[str, dict[str, dict[str, Any]]] = {}
     for record in records:
         by_row.setdefault(record["row"], {})[record["metric"]] = record
-    head = ["row", *[f"{m} ours / paper" for m in table.metrics], "Δ vs baseline: ours / paper", "direction"]
+    seeds = max((r["seeds"] for r in records), default=0)
+    head = ["row", *[f"{m} ours / paper" for m in table.metrics], "Δ vs baseline: ours [95% interval] / paper",
+            "verdict"]
     lines = [f"# {table.name}: {table.title}", "", f"Scale **{scale}**. {setting}", ""]
     if table.claim:
         lines += [f"Paper's finding: {table.claim}", ""]
+    if seeds > 1:
+        lines += [f"Ours: mean ± standard deviation over {seeds} seeds (every seed's value below).", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for result in results:
         cells = by_row.get(result.row.label, {})
         values = []
         for metric in table.metrics:
             record = cells.get(metric)
-            ours = _fmt(record["ours"]) if record and record["ours"] is not None else _status(result)
+            ours = (_ours(record) if record else "") or _status(result)
             values.append(f"{ours} / {(_fmt(record['paper']) if record else '') or 'n/a'}")
-        deltas = "; ".join(f"{m} {_fmt(r['delta_ours'], True) or '?'} / {_fmt(r['delta_paper'], True) or '?'}"
-                           for m, r in cells.items() if r["delta_ours"] is not None or r["delta_paper"] is not None)
-        verdict = ", ".join(f"{m} {r['direction']}" for m, r in cells.items() if r["direction"])
+        deltas = "; ".join(_delta(r) for r in cells.values()
+                           if r["baseline_diff"] is not None or r["paper_diff"] is not None)
+        verdict = ", ".join(f"{m} {r['verdict']}" for m, r in cells.items() if r["verdict"])
         label = result.row.label + (" (baseline)" if result.row.baseline else "")
         lines.append("| " + " | ".join([label, *values, deltas, verdict]) + " |")
-    judged = [r for r in records if r["direction"]]
-    agree = sum(r["direction"] == "agrees" for r in judged)
+    judged = [r["verdict"] for r in records if r["verdict"]]
     lines += [""]
-    if judged and not claims:  # a figure's claims already say it
-        lines.append(f"**Direction agrees with the paper in {agree} of {len(judged)} comparisons.**")
+    if judged:
+        counts = verdict_counts(judged)
+        if counts["1 seed"]:
+            lines.append(f"**One seed: the sign agrees with the paper in {judged.count(UNTESTED[0])} "
+                         f"of {counts['1 seed']} comparisons, but one seed cannot separate an effect from noise** "
+                         "(`--seeds N` with N >= 2 gives a test).")
+        if len(judged) > counts["1 seed"]:
+            lines.append(f"**Verdicts: {counts['agrees']} agree, {counts['within noise']} within noise, "
+                         f"{counts['disagrees']} disagree** (of {len(judged) - counts['1 seed']} comparisons with "
+                         f"the paper's direction). Test: {TEST}; 'agrees' / 'disagrees' need the interval to "
+                         "exclude 0. Welch because two rows' seeds are independent trainings (nothing to pair) "
+                         "whose spread may differ.")
     for claim in claims:
-        verdict = "agrees" if claim["agrees"] else "does NOT agree"
+        if claim.get("seeds", 1) > 1:
+            verdict = f"agrees in {claim['agree_count']} of {claim['seeds']} seeds"
+        else:
+            verdict = "agrees" if claim["agrees"] else "does NOT agree"
         lines.append(f"- {claim['claim']}: ours {claim['ours']} - **{verdict}**")
     for figure in figures:
         lines += ["", f"![{table.name}]({figure})"]
+    if seeds > 1:
+        lines += ["", "## Every seed", "", "| row | metric | " + " | ".join(f"seed {i}" for i in range(seeds)) + " |",
+                  "|" + "---|" * (seeds + 2)]
+        lines += [f"| {r['row']} | {r['metric']} | " + " | ".join(_fmt(float(v)) for v in r["values"].split(";")) + " |"
+                  for r in records if r["values"]]
     failed = [r for r in results if r.status == "failed"]
     if failed:
         lines += ["", "## Failed rows", ""] + [f"- {r.row.label}: {r.error}" for r in failed]
     notebooks = [r for r in results if r.notebook]
     if notebooks:
-        lines += ["", "Executed notebooks: " + ", ".join(f"[{r.row.label}]({r.notebook})" for r in notebooks)]
+        lines += ["", "Executed notebooks: " + ", ".join(_notebook_links(r) for r in notebooks)]
     return "\n".join(lines) + "\n"
+
+
+def _notebook_links(result: RowResult) -> str:
+    link = f"[{result.row.label}]({result.notebook})"
+    others = [(s, n) for s, n in zip(result.seeds, result.notebooks) if n and n != result.notebook]
+    return link + (" (" + ", ".join(f"[seed {s}]({n})" for s, n in others) + ")" if others else "")
 
 
 def _status(result: RowResult) -> str:
@@ -134,22 +190,28 @@ def _status(result: RowResult) -> str:
 
 
 def to_csv(table: Table, results: list[RowResult]) -> str:
+    """The long format: one line per (row, metric) with the `COLUMNS`; `values` lists every seed's value
+    separated by ';'."""
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=["row", "metric", "ours", "paper", "delta_ours", "delta_paper",
-                                             "direction", "status"])
+    writer = csv.DictWriter(out, fieldnames=list(COLUMNS))
     writer.writeheader()
-    writer.writerows(comparisons(table, results))
+    writer.writerows({k: _csv_cell(v) for k, v in r.items()} for r in comparisons(table, results))
     return out.getvalue()
+
+
+def _csv_cell(value: Any) -> Any:
+    return f"{value:.6g}" if isinstance(value, float) else "" if value is None else value
 
 
 def to_html(table: Table, scale: str, results: list[RowResult]) -> str:
     """A standalone HTML page of the comparison records (one row per row and metric)."""
     records = comparisons(table, results)
-    keys = ["row", "metric", "ours", "paper", "delta_ours", "delta_paper", "direction", "status"]
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r[k]))}</td>" for k in keys) + "</tr>" for r in records)
-    head = "".join(f"<th>{k}</th>" for k in keys)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r[k]))}</td>" for k in COLUMNS) + "</tr>"
+                   for r in records)
+    head = "".join(f"<th>{k}</th>" for k in COLUMNS)
     return (f"<!doctype html><meta charset='utf-8'><title>{table.name} ({scale})</title>"
             f"<h1>{html.escape(table.title)} ({scale})</h1><p>{html.escape(table.claim)}</p>"
+            f"<p>Verdict test: {html.escape(TEST)}.</p>"
             f"<table border='1' cellpadding='4'><tr>{head}</tr>{body}</table>")
 
 

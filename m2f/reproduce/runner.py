@@ -1,41 +1,129 @@
-"""`m2f reproduce TABLE --scale tiny|small|paper`: run a table's notebooks with papermill, then report.
+"""`m2f reproduce TABLE --scale tiny|small|paper --seeds N`: a table's grid of notebooks, then its report.
 
 Layout of the output folder (default results/SCALE)::
 
     data/                          the synthetic dataset (tiny / small scales)
-    rows/<task>-<variant>/         one trained row: the executed notebook, metrics.json, params.json,
-                                   figures, and run/ (a `m2f.run_dir.RunDir`: checkpoint, metrics, evaluations)
-    figures/<figure>/              a figure's executed notebook, metrics.json and images
+    rows/<task>-<variant>/         one trained row at seed 0: the executed notebook, metrics.json,
+                                   params.json, job.json, figures, and run/ (a `m2f.run_dir.RunDir`:
+                                   checkpoint, metrics, evaluations)
+    rows/<task>-<variant>/seed<K>/ the same row at seed K >= 1 (same layout)
+    figures/<figure>/[seed<K>/]    a figure's executed notebook, metrics.json and images, per seed
     quickstart/                    the executed quickstart notebook
-    TABLE.md, TABLE.csv, TABLE.html
+    TABLE.md, TABLE.csv, TABLE.html, SUMMARY.md, SUMMARY.csv
 
-A row is done when its metrics.json exists and its params.json equals the parameters it would run
-with now, so an interrupted `m2f reproduce` continues where it stopped (and a half-trained row
-resumes from its checkpoint). A row that fails is reported with its notebook, cell and exception;
-the other rows still run.
+Seed 0 keeps the folder a single-seed run always had, so results made before seeds existed (and the
+paths the demo, the dashboards and the README use) stay valid and are reused as seed 0.
+
+The grid is a list of `m2f.reproduce.jobs.Job` (a row at a seed); a launcher (`m2f.reproduce.launcher`)
+runs the rows' jobs, here, in N local workers or as a Slurm job array, then a figure's analysis of each
+seed. A job is done when its metrics.json exists and its params.json equals the parameters it would run
+with now, so an interrupted grid continues where it stopped (a half-trained row resumes from its
+checkpoint) and a finished seed is never trained again; asking for more seeds later trains only the new
+ones. A job that fails is reported with its notebook, cell and exception; the other jobs still run.
 """
 
 import json
 import time
-from importlib import resources
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from m2f.reproduce.jobs import Job, is_done, read_state
+from m2f.reproduce.launcher import Local, run_jobs
 from m2f.reproduce.report import RowResult, markdown, row_values, to_csv, to_html
 from m2f.reproduce.scales import SCALES, experiment_config, get_scale, prepare_data
+from m2f.reproduce.summary import write_summary
 from m2f.reproduce.tables import ABLATION, TABLES, VARIANTS, Row, Table, get_table
 from m2f.run_dir import RunDir
 
-# The package data m2f/_notebooks (the repository's top-level notebooks/, see pyproject.toml): found the
-# same way in a checkout and in an installed wheel.
-NOTEBOOKS = Path(resources.files("m2f") / "_notebooks").resolve()
+# Seeds per row when --seeds is not given: enough for a t-test where a row costs minutes; one where it
+# costs a day on 8 GPUs.
+DEFAULT_SEEDS = {"tiny": 3, "small": 3, "paper": 1}
 # Minutes of the notebook a table runs once (a figure on trained rows, the quickstart's short training).
 ONCE_MINUTES = {"figure": 1.0, "quickstart": 2.0}
 
 
+def seed_folder(folder: Path, seed: int) -> Path:
+    """Where seed `seed` of a row (or figure) lives: seed 0 in the row's folder, others in seed<K>/ inside it."""
+    return folder if seed == 0 else folder / f"seed{seed}"
+
+
+@dataclass
+class Grid:
+    """A table's jobs.
+
+    Args:
+        table: the table.
+        out: the output folder.
+        seeds: the seeds every row trains with.
+        rows: (row, {seed: job}) in table order; rows without jobs are not implemented / not at this scale.
+        figures: {seed: the figure's job over that seed's rows} (figures only).
+        once: the quickstart's job (quickstart only).
+    """
+
+    table: Table
+    out: Path
+    seeds: list[int]
+    rows: list[tuple[Row, dict[int, Job]]] = field(default_factory=list)
+    figures: dict[int, Job] = field(default_factory=dict)
+    once: Job | None = None
+
+    def row_jobs(self) -> list[Job]:
+        return [job for _, jobs in self.rows for job in jobs.values()] + ([self.once] if self.once else [])
+
+    def jobs(self) -> list[Job]:
+        return self.row_jobs() + list(self.figures.values())
+
+
+def plan(name: str, *, scale: str = "tiny", data: str | Path | None = None, out: str | Path | None = None,
+         max_iters: int = 0, seeds: int | None = None, seed: int = 0, overrides: list[str] = (),
+         nproc_per_node: int = 0) -> Grid:
+    """The jobs of one table (nothing runs). Arguments as in `reproduce`."""
+    table, s = get_table(name), get_scale(scale)
+    out = Path(out or Path("results") / scale).resolve()
+    data_dir = Path(data).resolve() if data else out / "data"
+    count = DEFAULT_SEEDS[scale] if seeds is None else seeds
+    if count < 1:
+        raise ValueError(f"--seeds must be >= 1, got {count}")
+    grid = Grid(table, out, list(range(seed, seed + count)))
+    extra = list(overrides)
+    if table.kind == "quickstart":
+        folder = out / "quickstart"
+        grid.once = Job("quickstart", table.notebook, folder,
+                        {"data_dir": str(data_dir), "output_dir": str(folder), "max_iters": max_iters, "overrides": extra},
+                        inputs=(RunDir.at(folder / "run").checkpoint,))
+        return grid
+    notebook = ABLATION if table.kind == "figure" else table.notebook  # a figure's rows are ablation rows
+    for row in table.rows:
+        jobs = {}
+        if row.variant is not None and scale in row.scales:
+            base = experiment_config(scale, task=row.task, data_dir=data_dir)
+            row_overrides = [*VARIANTS[row.variant].resolve(base), *row.overrides, *extra]
+            for k in grid.seeds:
+                folder = seed_folder(out / "rows" / row.key, k)
+                # The keys and their order are the done stamp of the rows made before seeds and launchers.
+                params = {"scale": scale, "data_dir": str(data_dir), "max_iters": max_iters, "seed": k,
+                          "task": row.task, "variant": row.variant, "overrides": row_overrides,
+                          "output_dir": str(folder), "nproc_per_node": nproc_per_node or s.nproc_per_node}
+                label = row.label if len(grid.seeds) == 1 else f"{row.label}, seed {k}"
+                jobs[k] = Job(label, notebook, folder, params, inputs=(RunDir.at(folder / "run").checkpoint,))
+        grid.rows.append((row, jobs))
+    if table.kind == "figure":
+        for k in grid.seeds:
+            folder = seed_folder(out / "figures" / table.name, k)
+            done = {row.label: jobs[k].folder for row, jobs in grid.rows if k in jobs}
+            params = {"scale": scale, "data_dir": str(data_dir), "max_iters": max_iters, "seed": k,
+                      "runs": {label: str(f / "run") for label, f in done.items()}, "output_dir": str(folder)}
+            grid.figures[k] = Job(table.name if len(grid.seeds) == 1 else f"{table.name}, seed {k}", table.notebook,
+                                  folder, params, inputs=tuple(f / "metrics.json" for f in done.values()))
+    return grid
+
+
 def reproduce(name: str, *, scale: str = "tiny", data: str | Path | None = None, out: str | Path | None = None,
-              max_iters: int = 0, seed: int = 0, overrides: list[str] = (), progress: bool = True) -> Path:
-    """Reproduces one table or figure and writes out/NAME.md (.csv, .html); returns the .md path.
+              max_iters: int = 0, seeds: int | None = None, seed: int = 0, overrides: list[str] = (),
+              launcher: Any = None, progress: bool = True) -> Path:
+    """Reproduces one table or figure and writes out/NAME.md (.csv, .html) and out/SUMMARY.md (.csv);
+    returns the .md path.
 
     Args:
         name: a key of `TABLES` (`m2f reproduce --list`).
@@ -43,118 +131,108 @@ def reproduce(name: str, *, scale: str = "tiny", data: str | Path | None = None,
         data: the dataset root; default out/data (generated for the synthetic scales).
         out: the output folder; default results/SCALE.
         max_iters: >0 replaces the scale's training budget (smoke runs).
-        seed: training seed of every row.
+        seeds: trainings per row (seeds `seed` .. `seed` + seeds - 1); default `DEFAULT_SEEDS[scale]`.
+        seed: the first seed.
         overrides: config overrides for every row ("section.field=value"), after the row's own.
-        progress: papermill's per-cell progress bars.
+        launcher: `m2f.reproduce.launcher.Local(jobs=N)` (default: one job at a time, here) or
+            `m2f.reproduce.slurm.Slurm(...)`.
+        progress: papermill's per-cell progress bars (this process only).
     """
-    table, s = get_table(name), get_scale(scale)
-    out = Path(out or Path("results") / scale).resolve()
-    data_dir = Path(data).resolve() if data else out / "data"
-    prepare_data(scale, data_dir)
-    common = {"scale": scale, "data_dir": str(data_dir), "max_iters": max_iters, "seed": seed}
-    extra = list(overrides)
+    launcher = launcher or Local()
+    gpus = getattr(launcher, "gpus_per_job", 0)
+    grid = plan(name, scale=scale, data=data, out=out, max_iters=max_iters, seeds=seeds, seed=seed,
+                overrides=overrides, nproc_per_node=gpus if gpus > 1 else 0)
+    table, out = grid.table, grid.out
+    if grid.row_jobs():
+        prepare_data(scale, Path(data).resolve() if data else out / "data")  # once, before workers start
     start = time.perf_counter()
-    claims, figures = [], []
-    if table.kind == "quickstart":
-        folder = out / "quickstart"
-        results = [_execute(table.notebook, folder, {"data_dir": str(data_dir), "output_dir": str(folder),
-                                                     "max_iters": max_iters, "overrides": extra},
-                            Row("quickstart", None), progress, inputs=[RunDir.at(folder / "run").checkpoint])]
-        if results[0].status == "done":
-            results[0].values = row_values(json.loads((folder / "metrics.json").read_text()), table.metrics)
-    else:
-        results = [_run_row(table, row, s.nproc_per_node, common, extra, out, progress) for row in table.rows]
-    if table.kind == "figure":
-        folder = out / "figures" / table.name
-        done = [out / "rows" / r.row.key for r in results if r.status == "done"]
-        runs = {r.row.label: str(out / "rows" / r.row.key / "run") for r in results if r.status == "done"}
-        figure = _execute(table.notebook, folder, {**common, "runs": runs, "output_dir": str(folder)},
-                          Row(table.name, None), progress, inputs=[d / "metrics.json" for d in done])
-        if figure.status == "done":
-            metrics = json.loads((folder / "metrics.json").read_text())
-            for result in results:
-                result.values = row_values(metrics["rows"].get(result.row.label, {}), table.metrics)
-                result.notebook = str(Path(figure.notebook))
-            claims = metrics.get("claims", [])
-            figures = [str((folder / f).relative_to(out)) for f in metrics.get("figures", [])]
-        else:
-            results.append(figure)
-    setting = _setting(scale, max_iters, seed, time.perf_counter() - start)
+    errors = run_jobs(grid.row_jobs(), launcher=launcher, progress=progress)
+    # A figure analyses one seed's rows once they are all trained.
+    ready = [job for k, job in grid.figures.items() if all(is_done(jobs[k]) for _, jobs in grid.rows if k in jobs)]
+    errors.update(run_jobs(ready, launcher=launcher, progress=progress))
+    results, claims, figures = _collect(grid, errors)
+    setting = _setting(scale, max_iters, grid.seeds, time.perf_counter() - start)
     out.mkdir(parents=True, exist_ok=True)
-    for result in results:
-        if result.notebook:
-            result.notebook = str(Path(result.notebook).relative_to(out))
     report = out / f"{name}.md"
     report.write_text(markdown(table, scale, results, setting=setting, claims=claims, figures=figures))
     (out / f"{name}.csv").write_text(to_csv(table, results))
     (out / f"{name}.html").write_text(to_html(table, scale, results))
+    write_summary(out)
     print(f"m2f reproduce {name} ({scale}): {report}", flush=True)
     return report
 
 
-def _run_row(table: Table, row: Row, nproc_per_node: int, common: dict[str, Any], extra: list[str], out: Path,
-             progress: bool) -> RowResult:
-    scale = common["scale"]
-    if row.variant is None:
-        return RowResult(row, "not implemented")
-    if scale not in row.scales:
-        return RowResult(row, "not at this scale")
-    base = experiment_config(scale, task=row.task, data_dir=common["data_dir"])
-    overrides = [*VARIANTS[row.variant].resolve(base), *row.overrides, *extra]
-    folder = out / "rows" / row.key
-    notebook = ABLATION if table.kind == "figure" else table.notebook  # a figure's rows are ablation rows
-    params = {**common, "task": row.task, "variant": row.variant, "overrides": overrides,
-              "output_dir": str(folder), "nproc_per_node": nproc_per_node}
-    result = _execute(notebook, folder, params, row, progress, inputs=[RunDir.at(folder / "run").checkpoint])
-    if result.status == "done":
-        result.values = row_values(json.loads((folder / "metrics.json").read_text()), table.metrics)
-    return result
+def _collect(grid: Grid, errors: dict[str, str]) -> tuple[list[RowResult], list[dict[str, Any]], list[str]]:
+    """The rows' results (every finished seed's values), the figure's claims per seed, its images."""
+    table, out = grid.table, grid.out
+
+    def error_of(job: Job) -> str:
+        state = read_state(job)
+        return errors.get(str(job.folder)) or (state.error if state else "") or f"{job.label}: not run"
+
+    if grid.once is not None:
+        job = grid.once
+        if not is_done(job):
+            return [RowResult(Row("quickstart", None), "failed", error=error_of(job))], [], []
+        values = row_values(json.loads((job.folder / "metrics.json").read_text()), table.metrics)
+        return [RowResult(Row("quickstart", None), "done", values, notebook=_rel(job.executed, out))], [], []
+    per_seed: dict[int, dict[str, Any]] = {}  # seed -> the figure's metrics.json
+    failed_figures = []
+    for k, job in grid.figures.items():
+        if is_done(job):
+            per_seed[k] = json.loads((job.folder / "metrics.json").read_text())
+        elif str(job.folder) in errors:
+            failed_figures.append(RowResult(Row(job.label, None), "failed", error=error_of(job)))
+    results = []
+    for row, jobs in grid.rows:
+        if not jobs:
+            results.append(RowResult(row, "not implemented" if row.variant is None else "not at this scale"))
+            continue
+        result = RowResult(row, "done")
+        problems = []
+        for k, job in jobs.items():
+            if not is_done(job):
+                problems.append(error_of(job))
+                continue
+            if table.kind == "figure":
+                if k not in per_seed:
+                    continue
+                values = row_values(per_seed[k]["rows"].get(row.label, {}), table.metrics)
+                notebook = grid.figures[k].executed
+            else:
+                values = row_values(json.loads((job.folder / "metrics.json").read_text()), table.metrics)
+                notebook = job.executed
+            result.seeds.append(k)
+            result.notebooks.append(_rel(notebook, out))
+            for metric, value in values.items():
+                result.samples.setdefault(metric, []).append(value)
+        result.values = {m: sum(v) / len(v) for m, v in result.samples.items()}
+        result.notebook = result.notebooks[0] if result.notebooks else ""
+        if problems:
+            result.status, result.error = "failed", "; ".join(problems)
+        results.append(result)
+    claims: dict[str, dict[str, Any]] = {}
+    for k, metrics in per_seed.items():
+        for claim in metrics.get("claims", []):
+            merged = claims.setdefault(claim["claim"], {"claim": claim["claim"], "ours": [], "agree_count": 0,
+                                                        "seeds": 0})
+            merged["ours"].append(claim["ours"] if len(per_seed) == 1 else f"seed {k}: {claim['ours']}")
+            merged["agree_count"] += bool(claim["agrees"])
+            merged["seeds"] += 1
+    for claim in claims.values():
+        claim["ours"] = "; ".join(claim["ours"])
+        claim["agrees"] = claim["agree_count"] == claim["seeds"]
+    first = next(iter(per_seed), None)
+    figures = [] if first is None else [_rel(grid.figures[first].folder / f, out)
+                                        for f in per_seed[first].get("figures", [])]
+    return results + failed_figures, list(claims.values()), figures
 
 
-def _execute(notebook: str, folder: Path, params: dict[str, Any], row: Row, progress: bool,
-             inputs: list[Path] = ()) -> RowResult:
-    """Runs `notebook` with `params` into `folder` unless it already ran with exactly these params and
-    its `inputs` (a checkpoint, the metrics of the rows a figure reads) exist and are not newer."""
-    import papermill as pm
-
-    executed = folder / notebook
-    if _is_done(folder, params, inputs):
-        print(f"  {row.label}: done already ({folder})", flush=True)
-        return RowResult(row, "done", notebook=str(executed))
-    source = NOTEBOOKS / notebook
-    if not source.is_file():
-        return RowResult(row, "failed", error=f"notebook {source} does not exist")
-    folder.mkdir(parents=True, exist_ok=True)
-    stamp = folder / "params.json"
-    stamp.unlink(missing_ok=True)
-    print(f"  {row.label}: running {notebook} -> {executed}", flush=True)
-    tic = time.perf_counter()
-    try:
-        pm.execute_notebook(str(source), str(executed), parameters=params, kernel_name="python3",
-                            progress_bar=progress, cwd=str(folder))
-    except pm.PapermillExecutionError as err:
-        error = f"{executed} cell {err.cell_index} (execution count {err.exec_count}): {err.ename}: {err.evalue}"
-        print(f"  {row.label}: FAILED: {error}", flush=True)
-        return RowResult(row, "failed", error=error, notebook=str(executed))
-    except Exception as err:  # the kernel died, the notebook is malformed, ...: report it, run the other rows
-        print(f"  {row.label}: FAILED: {notebook}: {type(err).__name__}: {err}", flush=True)
-        return RowResult(row, "failed", error=f"{notebook}: {type(err).__name__}: {err}", notebook=str(executed))
-    if not (folder / "metrics.json").is_file():
-        return RowResult(row, "failed", error=f"{executed} ran but wrote no metrics.json", notebook=str(executed))
-    stamp.write_text(json.dumps(params, indent=1))
-    print(f"  {row.label}: finished in {(time.perf_counter() - tic) / 60:.1f} min", flush=True)
-    return RowResult(row, "done", notebook=str(executed))
+def _rel(path: Path, out: Path) -> str:
+    return str(Path(path).relative_to(out))
 
 
-def _is_done(folder: Path, params: dict[str, Any], inputs: list[Path]) -> bool:
-    metrics, stamp = folder / "metrics.json", folder / "params.json"
-    if not (metrics.is_file() and stamp.is_file()) or json.loads(stamp.read_text()) != params:
-        return False
-    # A fresh clone has the committed metrics but not the checkpoints; a retrained row invalidates figures.
-    return all(p.is_file() and p.stat().st_mtime_ns <= metrics.stat().st_mtime_ns for p in inputs)
-
-
-def _setting(scale: str, max_iters: int, seed: int, seconds: float) -> str:
+def _setting(scale: str, max_iters: int, seeds: list[int], seconds: float) -> str:
     import platform
 
     import torch
@@ -164,12 +242,14 @@ def _setting(scale: str, max_iters: int, seed: int, seconds: float) -> str:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     data = "the synthetic benchmark" if s.synthetic else "the real dataset"
     budget = f"{iters} iterations per row" if iters else "the paper's schedule"
-    return (f"Trained on {data}, {budget}, seed {seed}, one run per row; {device}, {platform.machine()}; "
+    runs = f"seed {seeds[0]}, one run per row" if len(seeds) == 1 else \
+        f"seeds {seeds[0]}-{seeds[-1]}, {len(seeds)} runs per row"
+    return (f"Trained on {data}, {budget}, {runs}; {device}, {platform.machine()}; "
             f"this invocation took {seconds / 60:.1f} min (rows done earlier are reused).")
 
 
 def list_tables() -> str:
-    """`m2f reproduce --list`: every table, its rows, and what it costs at each scale."""
+    """`m2f reproduce --list`: every table, its rows, and what it costs at each scale (one seed)."""
     lines = [f"{'table':<11} {'kind':<10} {'rows':>4}  " + "  ".join(f"{s:>9}" for s in SCALES) + "  title"]
     for table in TABLES.values():
         costs = []
@@ -179,7 +259,8 @@ def list_tables() -> str:
             costs.append(_duration(minutes))
         lines.append(f"{table.name:<11} {table.kind:<10} {len(table.rows):>4}  " + "  ".join(f"{c:>9}" for c in costs)
                      + f"  {table.title}")
-    lines += ["", "Cost = rows to train x minutes per row (rows shared by tables are trained once):"]
+    lines += ["", "Cost = rows to train x minutes per row (rows shared by tables are trained once), for ONE seed;",
+              "--seeds N multiplies it by N (default: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_SEEDS.items()) + "):"]
     lines += [f"  {s.name}: {s.minutes_per_row:g} min per row ({s.cost_note}); {s.nproc_per_node} process(es) per row"
               for s in SCALES.values()]
     return "\n".join(lines)
