@@ -9,8 +9,11 @@ import torch
 from torch import Tensor, nn
 
 from m2f.backbone import Backbone
+from m2f.bifpn import BiFPNPixelDecoder
 from m2f.config import Config
+from m2f.fapn import FaPNPixelDecoder
 from m2f.pixel_decoder import FPNPixelDecoder, MSDeformAttnPixelDecoder
+from m2f.semantic_fpn import SemanticFPNPixelDecoder
 from m2f.transformer_decoder import MaskedTransformerDecoder
 
 
@@ -88,12 +91,7 @@ def build_model(cfg: Config) -> Mask2Former:
     m = cfg.model
     backbone = Backbone(name=m.backbone, weights=m.backbone_weights, freeze_bn=m.freeze_backbone_bn,
                         drop_path_rate=m.drop_path_rate)
-    if m.pixel_decoder == "msdeformattn":
-        pixel_decoder: nn.Module = MSDeformAttnPixelDecoder(
-            in_channels=backbone.channels, conv_dim=m.conv_dim, mask_dim=m.mask_dim, num_layers=m.encoder_layers,
-            ffn_dim=m.encoder_ffn_dim, num_heads=m.encoder_heads, num_points=m.encoder_points, impl=m.deform_impl)
-    else:
-        pixel_decoder = FPNPixelDecoder(in_channels=backbone.channels, conv_dim=m.conv_dim, mask_dim=m.mask_dim)
+    pixel_decoder = build_pixel_decoder(cfg, in_channels=backbone.channels)
     decoder = MaskedTransformerDecoder(
         in_channels=m.conv_dim, mask_dim=m.mask_dim, num_classes=m.num_classes, hidden_dim=m.hidden_dim,
         num_queries=m.num_queries, nheads=m.nheads, dim_feedforward=m.dim_feedforward, num_layers=m.dec_layers,
@@ -101,6 +99,20 @@ def build_model(cfg: Config) -> Mask2Former:
         query_features=m.query_features, layer_order=m.layer_order)
     return Mask2Former(backbone=backbone, pixel_decoder=pixel_decoder, transformer_decoder=decoder,
                        pixel_mean=m.pixel_mean, pixel_std=m.pixel_std, size_divisibility=m.size_divisibility)
+
+
+def build_pixel_decoder(cfg: Config, *, in_channels: tuple[int, ...]) -> nn.Module:
+    """The pixel decoder `cfg.model.pixel_decoder` names (Table 4e) on backbone features of `in_channels`."""
+    m = cfg.model
+    if m.pixel_decoder == "msdeformattn":
+        return MSDeformAttnPixelDecoder(
+            in_channels=in_channels, conv_dim=m.conv_dim, mask_dim=m.mask_dim, num_layers=m.encoder_layers,
+            ffn_dim=m.encoder_ffn_dim, num_heads=m.encoder_heads, num_points=m.encoder_points, impl=m.deform_impl)
+    fpn_family = {"fpn": FPNPixelDecoder, "semantic_fpn": SemanticFPNPixelDecoder, "fapn": FaPNPixelDecoder,
+                  "bifpn": BiFPNPixelDecoder}
+    if m.pixel_decoder not in fpn_family:
+        raise ValueError(f"model.pixel_decoder must be one of {['msdeformattn', *fpn_family]}, got {m.pixel_decoder!r}")
+    return fpn_family[m.pixel_decoder](in_channels=in_channels, conv_dim=m.conv_dim, mask_dim=m.mask_dim)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,7 +1,8 @@
 """Pixel decoders: backbone features -> per-pixel mask features (1/4) and a 3-level pyramid for the decoder.
 
-Both return `(mask_features (B, mask_dim, H/4, W/4), [f_1/32, f_1/16, f_1/8])`, the pyramid ordered from
-low to high resolution as the Transformer decoder consumes it. Module names follow the original's
+All pixel decoders (these two, `m2f.semantic_fpn`, `m2f.fapn`, `m2f.bifpn`) return
+`(mask_features (B, mask_dim, H/4, W/4), [f_1/32, f_1/16, f_1/8])` with conv_dim channels in the pyramid,
+ordered from low to high resolution as the Transformer decoder consumes it. Module names follow the original's
 state-dict keys (`input_proj`, `adapter_1`, `layer_1`, `mask_features`) so checkpoints convert by name.
 """
 
@@ -113,7 +114,11 @@ class MSDeformAttnPixelDecoder(nn.Module):
 
 
 class FPNPixelDecoder(nn.Module):
-    """MaskFormer's FPN (Table 4e "FPN"): top-down lateral + 3x3 output convs with GN, nearest upsampling."""
+    """MaskFormer's FPN (Table 4e "FPN"): top-down lateral + 3x3 output convs with GN, nearest upsampling.
+
+    `lateral` and `fuse` are the two steps the FPN variants change (FaPN: feature selection and feature
+    alignment); `top_down` gives every level, so Semantic FPN can add its branch on all of them.
+    """
 
     def __init__(self, *, in_channels: tuple[int, ...], conv_dim: int, mask_dim: int):
         super().__init__()
@@ -127,16 +132,25 @@ class FPNPixelDecoder(nn.Module):
         self.num_levels = len(in_channels)
         self.mask_features = ConvNorm(conv_dim, mask_dim, kernel_size=3, norm=False, relu=False)
 
-    def forward(self, features: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
-        pyramid: list[Tensor] = []
-        y = None
+    def lateral(self, k: int, x: Tensor) -> Tensor:
+        """The lateral connection of res(k+1): (B, C_in, H_k, W_k) -> (B, conv_dim, H_k, W_k)."""
+        return getattr(self, f"adapter_{k}")(x)
+
+    def fuse(self, k: int, lateral: Tensor, top: Tensor) -> Tensor:
+        """Merges the lateral (B, C, H_k, W_k) with the coarser output `top` (B, C, H_k/2, W_k/2)."""
+        return lateral + F.interpolate(top, size=lateral.shape[-2:], mode="nearest")
+
+    def top_down(self, features: dict[str, Tensor]) -> list[Tensor]:
+        """res2..res5 -> the outputs of every level, (B, conv_dim, H_l, W_l), from 1/32 to 1/4."""
+        levels: list[Tensor] = []
         for k in range(self.num_levels, 0, -1):
             x = features[FEATURE_NAMES[k - 1]]
-            if y is None:
-                y = getattr(self, f"layer_{k}")(x)
+            if not levels:
+                levels.append(getattr(self, f"layer_{k}")(x))
             else:
-                lateral = getattr(self, f"adapter_{k}")(x)
-                y = getattr(self, f"layer_{k}")(lateral + F.interpolate(y, size=lateral.shape[-2:], mode="nearest"))
-            if len(pyramid) < NUM_DECODER_LEVELS:
-                pyramid.append(y)
-        return self.mask_features(y), pyramid
+                levels.append(getattr(self, f"layer_{k}")(self.fuse(k, self.lateral(k, x), levels[-1])))
+        return levels
+
+    def forward(self, features: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
+        levels = self.top_down(features)
+        return self.mask_features(levels[-1]), levels[:NUM_DECODER_LEVELS]

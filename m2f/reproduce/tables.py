@@ -136,10 +136,6 @@ M2F = Row("Mask2Former (ours)", "mask2former", {"AP": 43.7, "PQ": 51.9, "mIoU": 
 CROSS = Row("cross-attention", "cross_attention", {"AP": 37.8, "PQ": 47.1, "mIoU": 45.5})
 
 
-def _paper_only(label: str, paper: dict[str, float]) -> Row:
-    return Row(label, None, paper)
-
-
 _TABLES = [
     Table("quickstart", "Quickstart: data, training, prediction and one attention map", "quickstart", (),
           notebook=QUICKSTART),
