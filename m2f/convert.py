@@ -29,9 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from m2f import convert_keys
-from m2f.checkpoint import save_atomic
+from m2f.checkpoint import load, save_atomic
 from m2f.config import PRESETS, Config, get_config
 from m2f.model import build_model
+from m2f.safe_pickle import UnsafePickleError, load_pickle
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +59,8 @@ def from_detectron2(source: str | Path | Mapping[str, Any], preset: str | None =
 
     Args:
         source: a `model_final_*.pkl` (a pickle of `{"model": {name: numpy array}, ...}`), a detectron2
-            `.pth` checkpoint, or the `{name: array}` dict itself. Pickles can run code when loaded:
-            convert only files from a source you trust.
+            `.pth` checkpoint, or the `{name: array}` dict itself. Files are unpickled with an allow-list
+            (`m2f.safe_pickle`): one that refers to anything but arrays and containers is refused, unrun.
         preset: the m2f preset the model was trained with (its backbone must match the weights). None
             picks it from the weights: the backbone from the key names and shapes, the task from the
             class count (133 COCO panoptic, 80 COCO instance, 150 ADE20K semantic). Either way
@@ -100,14 +101,16 @@ def to_detectron2(state_dict: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
 def _read_detectron2(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"detectron2 checkpoint {path} does not exist")
-    try:
-        if path.suffix == ".pkl":
-            with open(path, "rb") as f:
-                data = pickle.load(f, encoding="latin1")  # written by Python 2 era tools as well
-        else:
-            data = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise ValueError(f"cannot read detectron2 checkpoint {path}: {err}") from err
+    if path.suffix == ".pkl":
+        try:
+            data = load_pickle(path)
+        except UnsafePickleError as err:
+            raise ValueError(str(err)) from err
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as err:
+            raise ValueError(f"cannot read detectron2 checkpoint {path}: {err or type(err).__name__}; it may be "
+                             f"truncated or not a pickle") from err
+    else:
+        data = load(path)
     if isinstance(data, dict) and isinstance(data.get("model"), dict):
         data = data["model"]
     if not isinstance(data, dict) or not any(str(k).startswith("sem_seg_head.") for k in data):
