@@ -327,7 +327,9 @@ def attention_mask(mask_logits: Tensor, target_shapes: list[tuple[int, int]]) ->
         blocked = torch.cat([
             F.interpolate(mask_logits, size=s, mode="bilinear", align_corners=False).flatten(2) for s in target_shapes
         ], -1).sigmoid() < 0.5
-        blocked[blocked.all(-1)] = False
+        # An AND, not an indexed assignment: that exports to ONNX as a Where on bool tensors, which
+        # onnxruntime has no kernel for.
+        blocked = blocked & ~blocked.all(-1, keepdim=True)
     return blocked
 
 
