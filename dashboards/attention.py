@@ -1,10 +1,11 @@
 """Attention explorer: what one query attends to in each decoder layer (masked vs standard cross-attention).
 
-For a query, layer, head (or the mean over heads) and feature level it shows the image, the
+For a query, decoder layer (1-9, the paper's numbering: prediction set 0 comes from the learnable
+queries, set i from layer i), head (or the mean over heads) and feature level it shows the image, the
 query's predicted mask after that layer, the binary attention mask that limited the layer's
-cross-attention (the thresholded prediction before it), and the attention map over the image, all on
-linked axes. A second run (e.g. the same data with standard cross-attention) is shown as a second
-row. Below: the fraction of the query's attention inside its predicted mask and inside the
+cross-attention (prediction set i-1 thresholded), and the attention map over the image with a colour
+bar, all on linked axes. A second run (e.g. the same data with standard cross-attention) is shown as
+a second row; one that cannot be shown (no checkpoint yet) is a warning above the first run's plots. Below: the fraction of the query's attention inside its predicted mask and inside the
 ground-truth segment it is matched to (foreground attention mass, paper Fig. I b).
 
     panel serve dashboards/attention.py --args RUN_DIR [CROSS_ATTENTION_RUN_DIR]
@@ -21,16 +22,17 @@ from dashboards.common import (
     NO_RUN,
     ImagePicker,
     alert,
+    categories,
     extensions,
     frame,
     guarded,
     run_config,
-    run_label,
     runs_from_args,
 )
 from m2f.capture import LEVEL_NAMES, MASK_STRIDE, ImageRef, forward
 from m2f.overlay import overlay, palette, resize_rgb
 from m2f.run_dir import RunDir
+from m2f.run_label import short_names
 
 PLOT = {"xaxis": None, "yaxis": None, "toolbar": None}
 
@@ -45,15 +47,17 @@ class AttentionExplorer(param.Parameterized):
     run = param.Selector(objects=[], label="Run")
     compare_run = param.Selector(objects=[NO_RUN], default=NO_RUN, label="Compare with run")
     query = param.Integer(default=0, bounds=(0, None), label="Query")
-    layer = param.Integer(default=0, bounds=(0, None), label="Decoder layer")
+    layer = param.Integer(default=1, bounds=(1, None), label="Decoder layer (prediction set 0 feeds layer 1)")
     head = param.Selector(objects=["mean"], default="mean", label="Head")
     level = param.Integer(default=0, bounds=(0, 2), label="Level (for layers attending several)")
     picker = param.ClassSelector(class_=ImagePicker)
 
     def __init__(self, *, runs: list[str], **params: Any):
         super().__init__(picker=ImagePicker(), **params)
-        self.param.run.objects = list(runs)
-        self.param.compare_run.objects = [NO_RUN, *runs]
+        self.names = short_names(list(runs))
+        # {shown name: run}: the selectors show short names, the parameters hold the paths.
+        self.param.run.objects = {self.names[r]: r for r in runs}
+        self.param.compare_run.objects = {NO_RUN: NO_RUN, **{self.names[r]: r for r in runs}}
         if runs and self.run is None:
             self.run = runs[0]
         if len(runs) > 1 and self.compare_run == NO_RUN:
@@ -68,15 +72,18 @@ class AttentionExplorer(param.Parameterized):
             return
         m = cfg.model
         self.param.query.bounds = (0, m.num_queries - 1)
-        self.param.layer.bounds = (0, m.dec_layers - 1)
+        self.param.layer.bounds = (1, m.dec_layers)
         heads = 1 if m.attention == "mask_pooling" else m.nheads
         self.param.head.objects = ["mean", *map(str, range(heads))]
-        self.query, self.layer = min(self.query, m.num_queries - 1), min(self.layer, m.dec_layers - 1)
+        self.query, self.layer = min(self.query, m.num_queries - 1), min(self.layer, m.dec_layers)
         if self.head not in self.param.head.objects:
             self.head = "mean"
 
     def _head(self) -> int | None:
         return None if self.head == "mean" else int(self.head)
+
+    def _name(self, run: str) -> str:
+        return self.names.get(run) or short_names([run])[run]
 
     def row(self, run: str, image: ImageRef) -> tuple[list[hv.Element], dict[str, Any]]:
         """One run's four plots and its attention-mass numbers for the current selection.
@@ -86,62 +93,84 @@ class AttentionExplorer(param.Parameterized):
         """
         _, cfg = RunDir.existing(run).load()
         cap = forward(run, image)
-        if self.query >= cap.num_queries or self.layer >= cap.num_layers:
-            raise IndexError(f"{run_label(run)} has {cap.num_queries} queries and {cap.num_layers} layers; "
+        layer = self.layer - 1  # the capture's index of decoder layer `self.layer`
+        if self.query >= cap.num_queries or not 0 <= layer < cap.num_layers:
+            raise IndexError(f"{self._name(run)} has {cap.num_queries} queries and decoder layers 1-{cap.num_layers}; "
                              f"query {self.query} / layer {self.layer} do not exist there")
         head = self._head()
         if head is not None and head >= cap.num_heads:
-            raise IndexError(f"{run_label(run)} has {cap.num_heads} attention head(s); head {head} does not exist")
-        level_pos = min(self.level, len(cap.levels[self.layer]) - 1)
-        level_name = LEVEL_NAMES[cap.levels[self.layer][level_pos]]
-        name = f"{run_label(run)} ({cfg.model.attention})"
-        labels, scores = cap.classes(self.layer + 1)
+            raise IndexError(f"{self._name(run)} has {cap.num_heads} attention head(s); head {head} does not exist")
+        level_pos = min(self.level, len(cap.levels[layer]) - 1)
+        level_name = LEVEL_NAMES[cap.levels[layer][level_pos]]
+        name = self._name(run)
+        labels, scores = cap.classes(self.layer)
+        found = categories(run)
+        names = None if found is None else found.names
+        category = f"{names[labels[self.query]]} (class {labels[self.query]})" if names else f"class {labels[self.query]}"
         color = palette(cap.num_queries)[self.query]
         opts = {**PLOT, **frame(*image.image.shape[:2], size=230)}
 
         picture = hv.RGB(image.image, bounds=cap.image_bounds, label="image").opts(title=name, **opts)
-        after = cap.mask(self.layer + 1, self.query)
-        mask_rgb = overlay(resize_rgb(image.image, after.shape), after > 0.5, color)
+        after = cap.mask(self.layer, self.query) > 0.5
+        mask_rgb = overlay(resize_rgb(image.image, after.shape), after, color)
+        # An empty mask looks like the plain image: say so rather than leave the reader guessing.
+        what = f"{category} {scores[self.query]:.2f}" + ("" if after.any() else ", mask empty (no pixel > 0.5)")
         predicted = hv.RGB(mask_rgb, bounds=cap.bounds(MASK_STRIDE), group="Predicted", label="mask").opts(
-            title=f"q{self.query} after layer {self.layer}: class {labels[self.query]} ({scores[self.query]:.2f})",
-            **opts)
-        gate, gate_bounds = cap.attention_mask(self.layer, self.query, level_pos)
+            title=f"q{self.query} after layer {self.layer}: {what}", **opts)
+        gate, gate_bounds = cap.attention_mask(layer, self.query, level_pos)
         if gate is None:
             gate_plot = hv.RGB(image.image, bounds=cap.image_bounds, group="AttentionMask", label="none").opts(
                 title="no attention mask (cross-attention)", **opts)
         else:
+            title = f"attention mask of layer {self.layer}, {level_name}"
+            if gate.all():  # all white: the blank panel needs its reason
+                before = cap.mask(layer, self.query) > 0.5  # prediction set layer = the one before this layer
+                title += (": covers all (set {} mask is everywhere)" if before.all() else
+                          ": all white, set {} mask empty, so attends everywhere").format(layer)
             gate_plot = hv.Image(gate.astype(np.float32), bounds=gate_bounds, group="AttentionMask",
-                                 label="mask").opts(cmap="gray", clim=(0, 1), title=f"attention mask at {level_name}",
-                                                    **opts)
-        attn, attn_bounds = cap.attention(self.layer, self.query, head, level_pos)
-        heat = hv.Image(attn, bounds=attn_bounds, group="Attention", label="map").opts(
-            cmap="inferno", alpha=0.65, tools=["hover"])
+                                 label="mask").opts(cmap="gray", clim=(0, 1), title=title, **opts)
+        attn, attn_bounds = cap.attention(layer, self.query, head, level_pos)
+        heat = hv.Image(attn, bounds=attn_bounds, group="Attention", label="map",
+                        vdims=[hv.Dimension("weight", label="attention weight")]).opts(
+            cmap="inferno", alpha=0.65, tools=["hover"], colorbar=True, colorbar_position="right",
+            clim=(0.0, max(float(attn.max()), 1e-6)))
         attention = (hv.RGB(image.image, bounds=cap.image_bounds) * heat).opts(
-            title=f"attention, head {self.head}, {level_name}", **opts)
+            title=f"layer {self.layer} attention, head {self.head}, {level_name}", **opts)
 
-        region = cap.predicted_region(self.layer + 1, self.query)
+        region = cap.predicted_region(self.layer, self.query)
         info: dict[str, Any] = {"run": name, "attention": cfg.model.attention, "foreground_gt": None, "gt": None,
                                 # An empty predicted mask has no inside: no fraction rather than 0 %.
-                                "foreground_pred": cap.attention_mass(self.layer, self.query, head, region)
+                                "foreground_pred": cap.attention_mass(layer, self.query, head, region)
                                 if region.any() else None}
         if image.gt_masks is not None:
             matched = cap.match_ground_truth(image.gt_masks).get(self.query)
             if matched is not None:
-                info["gt"] = f"segment {matched} (class {int(image.gt_labels[matched])})"
-                info["foreground_gt"] = cap.attention_mass(self.layer, self.query, head,
-                                                           cap.pad(image.gt_masks[matched]))
+                gt_class = int(image.gt_labels[matched])
+                info["gt"] = f"segment {matched} ({names[gt_class] + ', ' if names else ''}class {gt_class})"
+                info["foreground_gt"] = cap.attention_mass(layer, self.query, head, cap.pad(image.gt_masks[matched]))
         return [picture, predicted, gate_plot, attention], info
 
-    def figure(self) -> tuple[hv.Layout, list[dict[str, Any]], list[str]]:
-        """The plots of the selected run (and the comparison run), their mass numbers and notes."""
+    def figure(self) -> tuple[hv.Layout, list[dict[str, Any]], list[tuple[str, str]]]:
+        """The plots of the selected run (and the comparison run), their mass numbers and notes as
+        (alert kind, text): a comparison run that cannot be shown is a warning, the main run still shows.
+
+        Raises:
+            ValueError / OSError / IndexError: the main run cannot be shown (the view's Alert says why).
+        """
         if self.run is None:
             raise ValueError("no run given: start with `m2f dashboard RUN_DIR` (or pass runs=[...])")
-        image, notes = self.picker.image(self.run)
-        plots, infos = [], []
-        for run in [self.run] + ([self.compare_run] if self.compare_run not in (NO_RUN, self.run) else []):
-            row, info = self.row(run, image)
-            plots += row
-            infos.append(info)
+        image, conversions = self.picker.image(self.run)
+        notes = [("info", n) for n in conversions]
+        plots, row_infos = self.row(self.run, image)
+        infos = [row_infos]
+        if self.compare_run not in (NO_RUN, self.run):
+            try:
+                row, info = self.row(self.compare_run, image)
+                plots += row
+                infos.append(info)
+            except Exception as err:  # any failure of the second run only: the first run's plots stay
+                notes.append(("warning", f"compare-with run {self._name(self.compare_run)} is not shown: "
+                                         f"{type(err).__name__}: {err}"))
         return hv.Layout(plots).cols(4).opts(shared_axes=True), infos, notes
 
     @staticmethod
@@ -161,7 +190,8 @@ class AttentionExplorer(param.Parameterized):
     def view(self) -> pn.viewable.Viewable:
         def render() -> pn.Column:
             layout, infos, notes = self.figure()
-            return pn.Column(*[alert(n, kind="info") for n in notes], pn.pane.HoloViews(layout, linked_axes=True),
+            return pn.Column(*[alert(text, kind=kind) for kind, text in notes],
+                             pn.pane.HoloViews(layout, linked_axes=True),
                              pn.pane.Markdown(self.mass_table(infos)))
         return guarded(render)
 

@@ -20,6 +20,19 @@ from m2f.config import Config
 from m2f.run_dir import RunDir
 
 NO_RUN = "(none)"
+# One style for every line plot: the legend outside the data, at the right; the width follows the window.
+CURVE = {"responsive": True, "min_width": 380, "height": 300, "tools": ["hover"], "show_grid": True,
+         "legend_position": "right"}
+
+
+def layer_axis() -> hv.Dimension:
+    """The x axis of per-layer plots, in the paper's numbering (the same in every dashboard and notebook)."""
+    return hv.Dimension("prediction set", label="prediction set (0 = learnable queries, i = after decoder layer i)")
+
+
+def plot_pane(obj: Any, **params: Any) -> pn.pane.HoloViews:
+    """A HoloViews pane as wide as the page allows (responsive plots need a stretching pane)."""
+    return pn.pane.HoloViews(obj, sizing_mode="stretch_width", **params)
 
 
 def extensions(*, inline: bool = False) -> None:
@@ -37,10 +50,13 @@ def runs_from_args(argv: list[str] | None = None) -> list[str]:
     return [str(Path(a).expanduser()) for a in args]
 
 
-def run_label(path: str) -> str:
-    """A short name for a run in selectors and legends: its directory name (and parent)."""
-    p = Path(path)
-    return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
+def categories(run: str) -> Any:
+    """The run's dataset categories (`m2f.data.Categories`: `.names` by class index, ids, ...); None
+    while the dataset (or the checkpoint) is not on this machine: class ids are then shown alone."""
+    try:
+        return RunDir.existing(run).val_dataset().categories
+    except (OSError, ValueError):
+        return None
 
 
 def run_config(run: str | None) -> Config | None:

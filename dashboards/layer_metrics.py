@@ -5,6 +5,8 @@ layer i; paper Fig. II) from the run's evaluation cache (`m2f.run_dir`; the full
 one on a few images is marked as partial, one of an older checkpoint is never shown), the per-class
 PQ of one prediction set, and the training loss and validation metrics from RUN/metrics.jsonl. A run
 still training (metrics.jsonl only) shows its curves and a note that there is no layer evaluation yet.
+Runs are named by their config (`m2f.run_label`), legends sit beside the plots, never over the data,
+and a value a run does not have is left out (with a note), never drawn as 0.
 
     panel serve dashboards/layer_metrics.py --args RUN_DIR [RUN_DIR ...]
 """
@@ -15,11 +17,23 @@ import holoviews as hv
 import panel as pn
 import param
 
-from dashboards.common import alert, extensions, guarded, run_label, runs_from_args
+from dashboards.common import (
+    CURVE,
+    alert,
+    categories,
+    extensions,
+    guarded,
+    layer_axis,
+    plot_pane,
+    runs_from_args,
+)
 from m2f.run_dir import LAYER_METRICS, RunDir, layer_curves
+from m2f.run_label import short_names
 
-CURVE = {"width": 460, "height": 280, "tools": ["hover"], "show_grid": True, "legend_position": "bottom_right"}
-TRAIN_KEYS = ["loss", "loss_ce", "loss_mask", "loss_dice", "lr", "grad_norm", "images_per_s"]
+# metrics.jsonl keys of the training records, with their axis labels (units where there are any).
+TRAIN_KEYS = {"loss": "training loss (all prediction sets)", "loss_ce": "classification loss (CE)",
+              "loss_mask": "mask loss (BCE)", "loss_dice": "dice loss", "lr": "learning rate",
+              "grad_norm": "gradient norm", "images_per_s": "throughput (images/s)"}
 
 
 class LayerMetrics(param.Parameterized):
@@ -31,21 +45,19 @@ class LayerMetrics(param.Parameterized):
 
     runs = param.ListSelector(default=[], objects=[], label="Runs")
     metric = param.Selector(objects=list(LAYER_METRICS), default="PQ", label="Per-layer metric")
-    prediction = param.Integer(default=-1, bounds=(-1, None), label="Per-class: prediction set (-1 = final)")
-    train_key = param.Selector(objects=TRAIN_KEYS, default="loss", label="Training curve")
+    prediction = param.Integer(default=-1, bounds=(-1, None),
+                               label="Per-class PQ of prediction set (0 = learnable queries, -1 = the last)")
+    train_key = param.Selector(objects=list(TRAIN_KEYS), default="loss", label="Training curve")
 
     def __init__(self, *, runs: list[str], **params: Any):
         super().__init__(**params)
-        self.param.runs.objects = list(runs)
+        self.names = short_names(list(runs))
+        self.param.runs.objects = {self.names[r]: r for r in runs}  # shown by name, held as paths
         if not self.runs:
             self.runs = list(runs)
 
     def _name(self, run: str) -> str:
-        try:
-            _, cfg = RunDir.existing(run).load()
-            return f"{run_label(run)} ({cfg.model.attention})"
-        except (OSError, ValueError):  # a run without a (loadable) checkpoint is still named by its directory
-            return run_label(run)
+        return self.names.get(run) or short_names([run])[run]
 
     def layers(self) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
         """Per run its per-prediction-set metrics (the run's full evaluation when there is one), and
@@ -55,19 +67,19 @@ class LayerMetrics(param.Parameterized):
             try:
                 evaluation = RunDir.existing(run).layer_evaluation()
             except (OSError, ValueError) as err:
-                notes.append(f"{run_label(run)}: {err}")
+                notes.append(f"{self._name(run)}: {err}")
                 continue
             if evaluation is None:
-                notes.append(f"{run_label(run)}: no layer evaluation yet of its present checkpoint "
+                notes.append(f"{self._name(run)}: no layer evaluation yet of its present checkpoint "
                              f"(`m2f eval RUN --layers all`, or the Proposals tab's button for a few images)")
                 continue
             found[run] = evaluation.metrics["layers"]
             if evaluation.is_partial:
-                notes.append(f"{run_label(run)}: per-layer numbers on only {evaluation.num_images} validation "
+                notes.append(f"{self._name(run)}: per-layer numbers on only {evaluation.num_images} validation "
                              f"images (the Proposals tab's evaluation), not the run's metrics; "
                              f"`m2f eval RUN --layers all` evaluates the whole split")
             elif not evaluation.checkpoint_present:
-                notes.append(f"{run_label(run)}: numbers recorded with a checkpoint that is not on this machine")
+                notes.append(f"{self._name(run)}: numbers recorded with a checkpoint that is not on this machine")
         return found, notes
 
     def layer_plot(self) -> tuple[hv.Overlay | None, list[str]]:
@@ -77,15 +89,15 @@ class LayerMetrics(param.Parameterized):
         for run, layers in found.items():
             values = layer_curves(layers).get(self.metric)
             if values is None:
-                notes.append(f"{run_label(run)}: its layer evaluation has no {self.metric}")
+                notes.append(f"{self._name(run)}: its layer evaluation has no {self.metric}")
                 continue
             points = list(enumerate(values))
-            curves += [hv.Curve(points, "prediction set", self.metric, label=self._name(run)),
-                       hv.Scatter(points, "prediction set", self.metric, label=self._name(run)).opts(size=5)]
+            y = hv.Dimension(self.metric, label=f"{self.metric} (%)")
+            curves += [hv.Curve(points, layer_axis(), y, label=self._name(run)),
+                       hv.Scatter(points, layer_axis(), y, label=self._name(run)).opts(size=5)]
         if not curves:
             return None, notes
-        return hv.Overlay(curves).opts(title=f"{self.metric} per prediction set (0 = learnable queries)",
-                                       **CURVE), notes
+        return hv.Overlay(curves).opts(title=f"{self.metric} per prediction set", **CURVE), notes
 
     def class_plot(self) -> tuple[hv.Bars | None, list[str]]:
         """Per-class PQ of one prediction set for every run that has it."""
@@ -93,15 +105,20 @@ class LayerMetrics(param.Parameterized):
         rows = []
         for run, layers in found.items():
             if not -len(layers) <= self.prediction < len(layers):
-                notes.append(f"{run_label(run)}: prediction set {self.prediction} is outside 0..{len(layers) - 1}")
+                notes.append(f"{self._name(run)}: prediction set {self.prediction} is outside 0..{len(layers) - 1}")
                 continue
             per_class = layers[self.prediction].get("panoptic", {}).get("per_class", {})
-            rows += [(str(cid), self._name(run), 100 * v["pq"]) for cid, v in per_class.items()]
+            shown = self.prediction % len(layers)  # -1 named as the set it is
+            cats = categories(run)
+            names = {} if cats is None else {str(i): n for i, n in zip(cats.ids, cats.names)}
+            rows += [(f"{names[str(cid)]} ({cid})" if str(cid) in names else str(cid), self._name(run), 100 * v["pq"])
+                     for cid, v in per_class.items()]
         if not rows:
             return None, notes
-        bars = hv.Bars(rows, ["category id", "run"], "PQ").opts(
-            title=f"per-class PQ, prediction set {self.prediction}", width=940, height=280, tools=["hover"],
-            xrotation=0, multi_level=False, legend_position="right")
+        bars = hv.Bars(rows, [hv.Dimension("category", label="category (id)"), "run"],
+                       hv.Dimension("PQ", label="PQ (%)")).opts(
+            title=f"per-class PQ, prediction set {shown}", responsive=True, min_width=380, height=300,
+            tools=["hover"], xrotation=30, multi_level=False, legend_position="right", show_grid=True)
         return bars, notes
 
     def train_plots(self) -> tuple[list[hv.Overlay], list[str]]:
@@ -111,23 +128,25 @@ class LayerMetrics(param.Parameterized):
             try:
                 train, val = RunDir.existing(run).read_metrics()
             except (OSError, ValueError) as err:
-                notes.append(f"{run_label(run)}: {err}")
+                notes.append(f"{self._name(run)}: {err}")
                 continue
             name = self._name(run)
             points = [(r["iteration"], r[self.train_key]) for r in train if self.train_key in r]
             if points:
-                train_curves.append(hv.Curve(points, "iteration", self.train_key, label=name))
+                train_curves.append(hv.Curve(points, "iteration",
+                                             hv.Dimension(self.train_key, label=TRAIN_KEYS[self.train_key]),
+                                             label=name))
             for key in sorted({k for r in val for k in r if k.endswith(("/PQ", "/AP", "/mIoU"))}):
-                val_curves.append(hv.Curve([(r["iteration"], 100 * r[key]) for r in val if key in r],
-                                           "iteration", "validation metric", label=f"{name} {key}"))
+                val_curves.append(hv.Curve([(r["iteration"], 100 * r[key]) for r in val if key in r], "iteration",
+                                           hv.Dimension("validation", label="validation metric (%)"),
+                                           label=f"{name}: {key.rsplit('/', 1)[1]}"))
             if not val:
-                notes.append(f"{run_label(run)}: no validation records yet in metrics.jsonl")
+                notes.append(f"{self._name(run)}: no validation records yet in metrics.jsonl")
         plots = []
         if train_curves:
-            plots.append(hv.Overlay(train_curves).opts(title=f"training {self.train_key}", **CURVE))
+            plots.append(hv.Overlay(train_curves).opts(title=TRAIN_KEYS[self.train_key], **CURVE))
         if val_curves:
-            plots.append(hv.Overlay([c.opts(tools=["hover"]) for c in val_curves]).opts(
-                title="validation metrics", **CURVE))
+            plots.append(hv.Overlay(val_curves).opts(title="validation metrics", **CURVE))
         return plots, notes
 
     @param.depends("runs", "metric", "prediction")
@@ -138,7 +157,7 @@ class LayerMetrics(param.Parameterized):
             layer, notes = self.layer_plot()
             bars, more = self.class_plot()
             items = [alert(n, kind="warning") for n in dict.fromkeys(notes + more)]
-            items += [pn.pane.HoloViews(p) for p in (layer, bars) if p is not None]
+            items += [plot_pane(p) for p in (layer, bars) if p is not None]
             return pn.Column(*items)
         return guarded(render)
 
@@ -147,7 +166,7 @@ class LayerMetrics(param.Parameterized):
         def render() -> pn.Column:
             plots, notes = self.train_plots()
             return pn.Column(*[alert(n, kind="warning") for n in notes],
-                             pn.Row(*[pn.pane.HoloViews(p) for p in plots]))
+                             *[plot_pane(p) for p in plots])
         return guarded(render)
 
     def panel(self) -> pn.Row:
@@ -155,7 +174,8 @@ class LayerMetrics(param.Parameterized):
             pn.widgets.MultiSelect.from_param(self.param.runs, size=6),
             pn.widgets.Select.from_param(self.param.metric), pn.widgets.IntInput.from_param(self.param.prediction),
             pn.widgets.Select.from_param(self.param.train_key), width=300)
-        return pn.Row(controls, pn.Column(self.layer_view, self.train_view))
+        return pn.Row(controls, pn.Column(self.layer_view, self.train_view, sizing_mode="stretch_width"),
+                      sizing_mode="stretch_width")
 
 
 if pn.state.served:

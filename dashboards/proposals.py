@@ -4,11 +4,13 @@ A grid shows all Q queries of one prediction set (set 0: from the learnable quer
 decoder layer i) with class and score; clicking a tile (or the query widget) follows that query
 through all prediction sets. AR@100 per prediction set (class-agnostic proposal recall, paper Fig. 3)
 comes from the run's evaluation of every prediction set (`m2f.run_dir`: the full one when there is one),
-or is computed on a few validation images with the button (and then titled as partial).
+or is computed on a few validation images with the button (and then titled as partial). That
+evaluation runs in a thread with a progress bar, so the page (and the other tabs) stay usable.
 
     panel serve dashboards/proposals.py --args RUN_DIR
 """
 
+import threading
 from typing import Any
 
 import holoviews as hv
@@ -17,19 +19,22 @@ import panel as pn
 import param
 
 from dashboards.common import (
+    CURVE,
     ImagePicker,
     alert,
     extensions,
     frame,
     guarded,
+    layer_axis,
+    plot_pane,
     run_config,
-    run_label,
     runs_from_args,
 )
 from m2f.capture import Capture, forward
 from m2f.inference import evaluate_run
 from m2f.overlay import mosaic, query_tiles
 from m2f.run_dir import RunDir, layer_curves
+from m2f.run_label import short_names
 
 
 class ProposalsExplorer(param.Parameterized):
@@ -40,19 +45,22 @@ class ProposalsExplorer(param.Parameterized):
     """
 
     run = param.Selector(objects=[], label="Run")
-    prediction = param.Integer(default=0, bounds=(0, None), label="Prediction set (0 = before layer 1)")
+    prediction = param.Integer(default=0, bounds=(0, None), label="Prediction set (0 = learnable queries, i = layer i)")
     query = param.Integer(default=0, bounds=(0, None), label="Followed query")
     columns = param.Integer(default=10, bounds=(1, 40), label="Grid columns")
     eval_images = param.Integer(default=8, bounds=(1, None), label="Images for AR@100")
     picker = param.ClassSelector(class_=ImagePicker)
     evaluated = param.Event(label="Compute AR@100 per layer")
+    evaluating = param.Boolean(default=False, precedence=-1, doc="True while the button's evaluation runs")
 
     def __init__(self, *, runs: list[str], **params: Any):
         super().__init__(picker=ImagePicker(), **params)
-        self.param.run.objects = list(runs)
+        self.names = short_names(list(runs))
+        self.param.run.objects = {self.names[r]: r for r in runs}  # shown by name, held as paths
         if runs and self.run is None:
             self.run = runs[0]
         self._eval_error: Exception | None = None
+        self._eval_thread: threading.Thread | None = None
         self._sync_limits()
 
     @param.depends("run", watch=True)
@@ -103,8 +111,9 @@ class ProposalsExplorer(param.Parameterized):
                     self.query = q
 
         tap.add_subscriber(lambda **kw: select(kw.get("x"), kw.get("y")))
-        where = "before layer 1" if self.prediction == 0 else f"after layer {self.prediction}"
-        return (rgb * labels).opts(title=f"{run_label(self.run)}: all queries {where} (click to follow)",
+        where = "learnable queries, before layer 1" if self.prediction == 0 else f"after layer {self.prediction}"
+        return (rgb * labels).opts(title=f"{self._name()}: all queries, prediction set {self.prediction} ({where}); "
+                                         f"click a tile to follow it",
                                    xaxis=None, yaxis=None, **frame(*rgb.data.shape[:2], size=900)), tap
 
     def track(self) -> hv.Overlay:
@@ -113,21 +122,46 @@ class ProposalsExplorer(param.Parameterized):
         titles = []
         for p in range(cap.num_layers + 1):
             classes, scores = cap.classes(p)
-            titles.append(f"{'init' if p == 0 else f'L{p}'} c{classes[self.query]} {scores[self.query]:.2f}")
+            titles.append(f"set {p} c{classes[self.query]} {scores[self.query]:.2f}")
         rgb, labels, _, _ = self._tiles(query_tiles(cap, query=self.query), titles,
                                         cap.num_layers + 1, "Track")
-        return (rgb * labels).opts(title=f"query {self.query} through the layers", xaxis=None, yaxis=None,
+        return (rgb * labels).opts(title=f"query {self.query} in prediction sets 0 (learnable queries) to "
+                                         f"{cap.num_layers} (after layer {cap.num_layers})", xaxis=None, yaxis=None,
                                    **frame(*rgb.data.shape[:2], size=900))
+
+    def _name(self) -> str:
+        return self.names.get(self.run) or short_names([self.run])[self.run]
 
     @param.depends("evaluated", watch=True)
     def _evaluate(self) -> None:
+        """Starts the evaluation of the button in a thread: minutes on a CPU, which must not block the
+        server's event loop (every tab of every session would freeze). One at a time."""
+        if self.evaluating or self.run is None:
+            return
         self._eval_error = None
-        try:
-            evaluate_run(RunDir.existing(self.run), layers="all", proposals=True, max_images=self.eval_images)
-        except Exception as err:  # shown in the recall view
-            self._eval_error = err
+        self.evaluating = True
+        run, images, doc = self.run, self.eval_images, pn.state.curdoc
 
-    def recall(self) -> hv.Curve:
+        def work() -> None:
+            error = None
+            try:
+                evaluate_run(RunDir.existing(run), layers="all", proposals=True, max_images=images)
+            except Exception as err:  # shown in the recall view, like the view's own errors
+                error = err
+
+            def done() -> None:
+                self._eval_error, self.evaluating = error, False
+
+            # Widgets change on the session's event loop; without a server (tests, a notebook) at once.
+            if doc is not None and doc.session_context is not None:
+                doc.add_next_tick_callback(done)
+            else:
+                done()
+
+        self._eval_thread = threading.Thread(target=work, name="m2f-ar-evaluation", daemon=True)
+        self._eval_thread.start()
+
+    def recall(self) -> hv.Overlay:
         """AR@100 per prediction set from the run's layer evaluation.
 
         Raises:
@@ -135,15 +169,15 @@ class ProposalsExplorer(param.Parameterized):
         """
         evaluation = RunDir.existing(self.run).layer_evaluation(proposals=True)
         if evaluation is None:
-            raise FileNotFoundError(f"{run_label(self.run)} has no per-layer evaluation with proposal recall "
+            raise FileNotFoundError(f"{self._name()} has no per-layer evaluation with proposal recall "
                                     f"of its checkpoint yet: press 'Compute AR@100 per layer' (evaluates "
                                     f"{self.eval_images} validation images)")
         curves = layer_curves(evaluation.metrics["layers"])
         note = evaluation.describe()
-        return hv.Curve(list(enumerate(curves["AR@100"])), "prediction set", "AR@100").opts(
-            title="class-agnostic AR@100 per prediction set" + (f" ({note})" if note else ""), width=420,
-            height=260, tools=["hover"],
-            show_grid=True) * hv.Scatter(list(enumerate(curves["AR@100"])), "prediction set", "AR@100").opts(size=6)
+        points = list(enumerate(curves["AR@100"]))
+        y = hv.Dimension("AR@100", label="AR@100 (%)")
+        return (hv.Curve(points, layer_axis(), y) * hv.Scatter(points, layer_axis(), y).opts(size=6)).opts(
+            title="class-agnostic AR@100 per prediction set" + (f" ({note})" if note else ""), **CURVE)
 
     @param.depends("run", "prediction", "columns", "picker.source", "picker.image_index")
     def grid_view(self) -> pn.viewable.Viewable:
@@ -153,14 +187,19 @@ class ProposalsExplorer(param.Parameterized):
     def track_view(self) -> pn.viewable.Viewable:
         return guarded(lambda: pn.pane.HoloViews(self.track()))
 
-    @param.depends("run", "evaluated")
+    @param.depends("run", "evaluating")
     def recall_view(self) -> pn.viewable.Viewable:
+        if self.evaluating:
+            return pn.Column(pn.indicators.Progress(active=True, width=300),
+                             pn.pane.Markdown(f"Evaluating {self.eval_images} validation images of "
+                                              f"{self._name()} for AR@100 per prediction set; the other "
+                                              f"plots and tabs stay usable."))
         if self._eval_error is not None:
             return alert(self._eval_error)
 
         def render() -> pn.viewable.Viewable:
             try:
-                return pn.pane.HoloViews(self.recall())
+                return plot_pane(self.recall())
             except FileNotFoundError as err:  # not evaluated yet: a hint, not an error
                 return alert(err, kind="warning")
         return guarded(render)

@@ -2,6 +2,7 @@
 cross-attention), what they render (HoloViews data, Bokeh models) and their messages for bad input."""
 
 import io
+import json
 import shutil
 
 import holoviews as hv
@@ -57,7 +58,7 @@ def test_changing_query_layer_and_head_changes_the_attention_map(explorer):
     base = element(layout, "Attention").data.copy()
     explorer.query = 1
     by_query = element(explorer.figure()[0], "Attention").data.copy()
-    explorer.layer = 2  # round robin: layer 2 attends the 1/8 level, layer 0 the 1/32 level
+    explorer.layer = 3  # round robin: decoder layer 3 attends the 1/8 level, layer 1 the 1/32 level
     by_layer = element(explorer.figure()[0], "Attention").data.copy()
     explorer.head = "0"
     by_head = element(explorer.figure()[0], "Attention").data.copy()
@@ -73,7 +74,7 @@ def test_changing_query_layer_and_head_changes_the_attention_map(explorer):
 
 def test_masked_attention_is_zero_outside_its_attention_mask(runs):
     explorer = AttentionExplorer(runs=[str(runs["init"])])
-    explorer.layer = 1
+    explorer.layer = 2
     checked = 0
     for query in range(8):
         explorer.query = query
@@ -242,3 +243,138 @@ def test_runs_of_a_copied_checkpoint_file_work(runs, tmp_path):
     cap_a = forward(ckpt, explorer.picker.image(str(ckpt))[0])
     cap_b = forward(runs["masked"], explorer.picker.image(str(ckpt))[0])
     assert torch.allclose(torch.from_numpy(cap_a.mask_probs), torch.from_numpy(cap_b.mask_probs))
+
+
+def _title(el):
+    return el.opts.get().kwargs["title"]
+
+
+def _run_without_checkpoint(runs, root):
+    run = root / "training"
+    run.mkdir()
+    shutil.copy(runs["masked"] / "metrics.jsonl", run / "metrics.jsonl")
+    shutil.copy(runs["masked"] / "config.json", run / "config.json")
+    return run
+
+
+def test_compare_run_without_checkpoint_is_a_warning_and_the_main_run_still_shows(runs, tmp_path):
+    # Issue 22: `m2f dashboard RUN OTHER` with OTHER still training hid RUN behind one error box.
+    explorer = AttentionExplorer(runs=[str(runs["masked"]), str(_run_without_checkpoint(runs, tmp_path))])
+    view = explorer.view()
+    kinds = {a.alert_type: a.object for a in view.select(pn.pane.Alert)}
+    assert set(kinds) == {"warning"} and "no checkpoint.pth yet" in kinds["warning"]
+    (pane,) = view.select(pn.pane.HoloViews)
+    assert len(pane.object) == 4  # the main run's four plots
+
+
+def test_empty_panels_say_why(runs):
+    # Issue 22: a few training steps leave every mask empty, so the first layer's attention mask is all
+    # white (attend everywhere) and the predicted mask shows nothing: both titles say so.
+    explorer = AttentionExplorer(runs=[str(runs["masked"])])
+    explorer.layer = 1
+    layout, _, _ = explorer.figure()
+    gate = element(layout, "AttentionMask")
+    assert gate.data.all()
+    assert "all white" in _title(gate) and "attends everywhere" in _title(gate)
+    assert "mask empty" in _title(element(layout, "Predicted"))
+
+
+def test_one_layer_numbering_category_names_and_a_colour_bar(runs):
+    # Issue 21: decoder layers 1-9 everywhere (the predicted mask after layer L is prediction set L).
+    explorer = AttentionExplorer(runs=[str(runs["init"])])
+    assert explorer.param.layer.bounds == (1, 9)
+    explorer.layer, explorer.query = 9, 2
+    layout, _, _ = explorer.figure()
+    cap = forward(explorer.run, explorer.picker.image(explorer.run)[0])
+    title = _title(element(layout, "Predicted"))
+    label = int(cap.classes(9)[0][2])
+    name = RunDir.at(runs["init"]).val_dataset().categories.names[label]
+    assert title.startswith("q2 after layer 9: ") and f"{name} (class {label})" in title
+    attention = list(layout)[3]
+    assert "layer 9 attention" in _title(attention)
+    from bokeh.models import ColorBar
+    plot = hv.render(attention)
+    bars = [m for m in plot.right if isinstance(m, ColorBar)]
+    assert len(bars) == 1 and bars[0].title == "attention weight"
+
+
+def _legends_beside_the_data(root):
+    """Every Bokeh figure's legends, asserted to sit in the figure's right panel (outside the frame)."""
+    from bokeh.models import Legend
+    from bokeh.plotting import figure
+
+    figures = list(root.select({"type": figure}))
+    legends = 0
+    for fig in figures:
+        assert not [m for m in fig.center if isinstance(m, Legend)], f"a legend over the data of {fig.title.text}"
+        legends += len([m for m in fig.right if isinstance(m, Legend)])
+        for axis in (*fig.xaxis, *fig.yaxis):
+            assert axis.axis_label, f"an unnamed axis in {fig.title.text}"
+    return figures, legends
+
+
+def test_metrics_plots_have_legends_outside_named_axes_and_short_run_names(runs, tmp_path):
+    labels = {c.label for c in LayerMetrics(runs=[str(runs["masked"]), str(runs["cross"])]).layer_plot()[0]}
+    assert labels == {"Mask2Former, 8 queries", "cross-attention, 8 queries"}  # from config.json, not paths
+    validated = _run_without_checkpoint(runs, tmp_path)  # and with validation records
+    with open(validated / "metrics.jsonl", "a") as log:
+        log.write(json.dumps({"split": "val", "iteration": 6, "panoptic/PQ": 0.1, "panoptic/AP": 0.05}) + "\n")
+    view = LayerMetrics(runs=[str(runs["masked"]), str(runs["cross"]), str(validated)])
+    figures, legends = _legends_beside_the_data(view.panel().get_root())
+    assert len(figures) == 4 and legends == 4  # per layer, per class, training, validation
+    assert all(f.sizing_mode in ("stretch_width", "stretch_both") for f in figures)
+    by_title = {f.title.text: f for f in figures}
+    assert by_title["PQ per prediction set"].xaxis[0].axis_label.startswith("prediction set (0 = learnable queries")
+    assert by_title["PQ per prediction set"].yaxis[0].axis_label == "PQ (%)"
+    assert by_title["validation metrics"].yaxis[0].axis_label == "validation metric (%)"
+    per_class = next(f for t, f in by_title.items() if t.startswith("per-class PQ, prediction set 9"))
+    names = RunDir.at(runs["masked"]).val_dataset().categories.names
+    assert any(name in str(factor) for factor in per_class.x_range.factors for name in names)
+
+
+def test_a_metric_missing_from_one_prediction_set_is_never_drawn_as_zero(runs, tmp_path):
+    recorded = tmp_path / "recorded"  # a committed run: its evaluation without the checkpoint
+    recorded.mkdir()
+    for name in ("config.json", "evaluations.json", "metrics.jsonl"):
+        shutil.copy(runs["masked"] / name, recorded / name)
+    cache = json.loads((recorded / "evaluations.json").read_text())
+    for entry in cache["entries"]:
+        entry["metrics"]["layers"][4].pop("panoptic", None)
+    (recorded / "evaluations.json").write_text(json.dumps(cache))
+    overlay, notes = LayerMetrics(runs=[str(recorded), str(runs["cross"])]).layer_plot()
+    assert {c.label for c in overlay if isinstance(c, hv.Curve)} == {"cross-attention, 8 queries"}
+    assert any("has no PQ" in n for n in notes)
+
+
+def test_computing_recall_runs_off_the_ui_thread_with_a_progress_bar(runs, monkeypatch, tmp_path):
+    # Issue 22: the button blocked the server for minutes with blank tabs.
+    import threading
+
+    import dashboards.proposals as proposals
+
+    release, started = threading.Event(), threading.Event()
+    real = proposals.evaluate_run
+
+    def slow_evaluate(*args, **kwargs):
+        started.set()
+        assert release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(proposals, "evaluate_run", slow_evaluate)
+    run = tmp_path / "fresh"
+    shutil.copytree(runs["masked"], run)
+    (run / "evaluations.json").unlink()
+    view = ProposalsExplorer(runs=[str(run)])
+    assert any("no per-layer evaluation" in m for m in alerts(view.recall_view()))
+    view.eval_images = 2
+    view.param.trigger("evaluated")  # returns while the evaluation is still running
+    assert started.wait(30) and view.evaluating
+    waiting = view.recall_view()
+    assert waiting.select(pn.indicators.Progress)
+    assert "Evaluating 2 validation images" in waiting.select(pn.pane.Markdown)[0].object
+    view.param.trigger("evaluated")  # a second press while it runs starts nothing
+    release.set()
+    view._eval_thread.join(60)
+    assert not view.evaluating
+    assert view.recall_view().select(pn.pane.HoloViews)
+    assert "partial: 2 validation images" in _title(view.recall())
