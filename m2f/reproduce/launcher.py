@@ -36,7 +36,10 @@ def worker_slots(workers: int, *, cores: list[int], gpus: int) -> list[dict[str,
     when there are GPUs."""
     slots = []
     for i in range(workers):
-        share = cores[i * len(cores) // workers:(i + 1) * len(cores) // workers] or [cores[i % len(cores)]]
+        if workers > len(cores):
+            share = [cores[i % len(cores)]]
+        else:
+            share = cores[i * len(cores) // workers:(i + 1) * len(cores) // workers]
         env = {"OMP_NUM_THREADS": str(len(share)), "MKL_NUM_THREADS": str(len(share))}
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
