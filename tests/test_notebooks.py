@@ -15,9 +15,10 @@ import pytest
 
 from m2f.data.synthetic import generate
 from m2f.reproduce import runner
+from m2f.reproduce.jobs import NOTEBOOKS as NOTEBOOK_DIR
 from m2f.reproduce.tables import ABLATION, CROSS, M2F, MAIN, TABLES, VARIANTS, Row, Table, Variant
 
-NOTEBOOKS = sorted(runner.NOTEBOOKS.glob("*.ipynb"))
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 SMOKE = ["data.image_size=64", "data.test_size=64", "data.test_max_size=128", "data.num_workers=0",
          "model.num_queries=8", "loss.num_points=256", "train.batch_size=2"]
 BROKEN = Row("broken row", "broken", {"PQ": 1.0})
@@ -40,10 +41,10 @@ def reproduced(tmp_path_factory):
         patch.setitem(VARIANTS, "broken", Variant(overrides=("model.attention=nonsense",)))
         for name in ("test_ablation", "test_main", "figure2", "figure3", "figure1", "quickstart"):
             reports[name] = runner.reproduce(name, scale="tiny", data=data, out=out, max_iters=2, overrides=SMOKE,
-                                             progress=False)
+                                             seeds=1, progress=False)
         stamps = {p: p.stat().st_mtime_ns for p in out.glob("rows/*/*.ipynb")}
         runner.reproduce("test_ablation", scale="tiny", data=data, out=out, max_iters=2, overrides=SMOKE,
-                         progress=False)
+                         seeds=1, progress=False)
         rerun = {p: p.stat().st_mtime_ns for p in out.glob("rows/*/*.ipynb")}
     return {"out": out, "reports": reports, "stamps": stamps, "rerun": rerun}
 
@@ -137,3 +138,76 @@ def test_quickstart_trains_predicts_and_draws_attention(reproduced):
     executed = nbformat.read(folder / "00_quickstart.ipynb", as_version=4)
     assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
                for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", []))
+
+
+REPO = NOTEBOOK_DIR.parent
+
+
+def _parameters(path: Path) -> dict:
+    book = nbformat.read(path, as_version=4)
+    source = next(c.source for c in book.cells if "parameters" in c.metadata.get("tags", []))
+    values: dict = {}
+    exec(source, {}, values)  # the parameters cell is plain assignments
+    return values
+
+
+def _cell_code(path: Path, marker: str) -> str:
+    return next(c.source for c in nbformat.read(path, as_version=4).cells if marker in c.source)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_a_notebook_run_by_hand_writes_only_untracked_files(path):
+    # Issue 22: the quickstart's default output_dir was the committed results/tiny/quickstart, so a first
+    # interactive run appended to tracked files. `m2f reproduce` passes output_dir (RUNNER_PARAMETERS).
+    import subprocess
+
+    output_dir = (NOTEBOOK_DIR / _parameters(path)["output_dir"]).resolve()
+    assert REPO in output_dir.parents and "results" not in output_dir.relative_to(REPO).parts
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(output_dir / "metrics.json")], cwd=REPO)
+    assert ignored.returncode == 0, f"{output_dir} is not ignored by git"
+
+
+def test_layer_figure_of_a_row_is_titled_from_its_config_not_its_variant_label():
+    # Issue 22: a cross-attention, 50-query row was titled "mask2former: every prediction set".
+    from m2f.config import get_config
+    from m2f.reproduce import figures
+    from m2f.run_label import describe_model
+
+    code = _cell_code(NOTEBOOK_DIR / ABLATION, "figures.layer_plot(")
+    namespace = {"figures": figures, "describe_model": describe_model, "variant": "mask2former",
+                 "cfg": get_config("tiny", ["model.attention=cross", "model.num_queries=50"]),
+                 "summary": {"layers": {"PQ": [1.0] * 10}}}
+    exec(code, namespace)
+    assert namespace["layers"].axes[0].get_title() == "cross-attention, 50 queries: every prediction set"
+
+
+def test_quickstart_attention_uses_the_papers_layer_numbers():
+    # Issue 21: the slider read "layer 8" where the title said "decoder layer 9".
+    import ast
+
+    import matplotlib
+    import numpy as np
+    import torch
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from m2f.capture import capture
+    from m2f.config import get_config
+    from m2f.model import build_model
+
+    code = _cell_code(NOTEBOOK_DIR / "00_quickstart.ipynb", "def show(")
+    show_def = next(n for n in ast.parse(code).body if isinstance(n, ast.FunctionDef) and n.name == "show")
+    torch.manual_seed(0)
+    model = build_model(get_config("tiny", ["model.num_queries=8"])).eval()
+    cap = capture(model, np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    namespace = {"cap": cap, "plt": plt}
+    exec(compile(ast.Module(body=[show_def], type_ignores=[]), "quickstart", "exec"), namespace)
+    for layer in (1, cap.num_layers):
+        fig = namespace["show"](3, layer)
+        ax = fig.axes[0]
+        assert ax.get_title().startswith(f"query 3, decoder layer {layer}")
+        np.testing.assert_allclose(ax.images[1].get_array(), cap.attention(layer - 1, 3, None)[0])
+        assert fig.axes[1].get_ylabel() == "attention weight"  # the colour bar
+        plt.close(fig)
+    assert "min=1, max=cap.num_layers" in code  # the slider counts the same way
