@@ -77,7 +77,7 @@ def test_semantic_fpn_sums_upsampled_stages_of_every_level():
     torch.testing.assert_close(mask_features, expected)
     torch.testing.assert_close(pyramid[0], p5)
     assert [len(stage) for stage in s] == [1, 1, 2, 3]  # Panoptic FPN: 1/4 one conv, 1/32 three upsampling stages
-    assert s[3][0].out_channels == 32  # half the FPN width, as Panoptic FPN's 128 on 256
+    assert s[3][0].out_channels == 64  # the FPN's width (see m2f/semantic_fpn.py for why not Panoptic FPN's 128)
     assert isinstance(s[3][0].norm, torch.nn.GroupNorm) and s[3][0].relu
 
 
