@@ -9,7 +9,7 @@ The public API, for notebooks and scripts::
     result = m2f.train(cfg, out_dir="runs/tiny")             # the training loop; writes a run directory
     metrics = m2f.evaluate(model, cfg)                       # PQ / AP / mIoU on cfg.data's val split
     model = m2f.load_pretrained("model_final_94dc52.pkl")    # released weights, converted in memory
-    outputs = m2f.predict(model, images, task="panoptic", is_thing=is_thing)
+    results = m2f.predict(model, ["photo.jpg"], task="panoptic")   # typed results: segments with names, scores, masks
 
 `python -m m2f ...` is the `m2f` command line.
 
@@ -48,7 +48,7 @@ _API = {
     "build_model": "m2f.model",
     "train": "m2f.train",
     "evaluate": "m2f.inference",
-    "predict": "m2f.inference",
+    "predict": "m2f.predict",
     "load_pretrained": "m2f.pretrained",
 }
 __all__ = list(_API)
@@ -56,8 +56,8 @@ __all__ = list(_API)
 if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__ ("x as x": a re-export)
     from m2f.config import get_config as get_config
     from m2f.inference import evaluate as evaluate
-    from m2f.inference import predict as predict
     from m2f.model import build_model as build_model
+    from m2f.predict import predict as predict
     from m2f.pretrained import load_pretrained as load_pretrained
     from m2f.train import train as train
 

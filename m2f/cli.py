@@ -80,6 +80,30 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {convert_file(args.src, args.out, preset=args.preset)}")
 
 
+def cmd_predict(args: argparse.Namespace) -> None:
+    import logging
+
+    from m2f.predict import load_weights, predict_files
+    from m2f.predict.files import image_ids_from
+
+    logging.basicConfig(level=logging.INFO, format="m2f predict: %(message)s")  # the conversion notes
+    model, categories = load_weights(args.weights, device=args.device, dataset=args.dataset, overrides=args.overrides)
+    summary = predict_files(model, args.inputs, task=args.task, out=args.out, categories=categories,
+                            batch_size=args.batch_size, min_score=args.min_score,
+                            image_ids=image_ids_from(args.image_ids) if args.image_ids else None)
+    print(json.dumps(summary, indent=2))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from m2f.export import export, parse_size
+    from m2f.predict import load_weights
+
+    model, _ = load_weights(args.weights, overrides=args.overrides)
+    path = export(model, format=args.format, size=parse_size(args.size), out=args.out, batch_size=args.batch_size,
+                  dynamo=args.dynamo)
+    print(f"wrote {path}")
+
+
 def cmd_doctor(args: argparse.Namespace) -> None:
     from m2f.ops.doctor import doctor, format_doctor
 
@@ -211,6 +235,32 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="m2f checkpoint to write")
     p.add_argument("--preset", help="m2f preset of the source (default: inferred from the weights)")
     p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("predict", help="segment image files with any weights: overlays and COCO result files")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (searched recursively) or globs")
+    p.add_argument("--weights", required=True,
+                   help="run directory, m2f checkpoint, original model_final_*.pkl or transformers folder")
+    p.add_argument("--task", required=True, choices=["panoptic", "instance", "semantic"])
+    p.add_argument("--out", required=True, help="output folder (finished images in it are skipped)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dataset", help="label names: coco_panoptic, coco_instance, ade20k, cityscapes, synthetic or "
+                   "a categories JSON (default: from the checkpoint's config)")
+    p.add_argument("--image-ids", metavar="COCO_JSON", help="take image ids from this ground truth's images")
+    p.add_argument("--min-score", type=float, default=0.5, help="segments drawn in the overlay (files keep all)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. --set model.deform_impl=torch (repeatable)")
+    p.set_defaults(fn=cmd_predict)
+
+    p = sub.add_parser("export", help="export a model as a torch.export ExportedProgram (.pt2) or ONNX file")
+    p.add_argument("--weights", required=True, help="as for m2f predict")
+    p.add_argument("--format", required=True, choices=["exported_program", "onnx"])
+    p.add_argument("--size", required=True, help="input HxW, e.g. 800x1216 (fixed; multiples of 32 avoid padding)")
+    p.add_argument("--out", required=True, help="file to write (.pt2 or .onnx)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--dynamo", action="store_true", help="ONNX through torch.onnx's dynamo exporter (slower to export)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("doctor", help="what this machine can run (kernels, compilers, CUDA)")
     p.set_defaults(fn=cmd_doctor)

@@ -34,10 +34,11 @@ def test_import_m2f_stays_cheap():
 
 def test_public_api_is_the_library_functions():
     from m2f import config, inference, model, pretrained
+    from m2f.predict import predict
     from m2f.train import train
 
     assert m2f.get_config is config.get_config and m2f.build_model is model.build_model
-    assert m2f.evaluate is inference.evaluate and m2f.predict is inference.predict
+    assert m2f.evaluate is inference.evaluate and m2f.predict is predict
     assert m2f.load_pretrained is pretrained.load_pretrained
     # Importing the submodule m2f/train.py does not replace the function m2f.train by the module.
     assert m2f.train is train
