@@ -28,13 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from m2f.reproduce.jobs import Job, is_done, read_state
+from m2f.reproduce.jobs import NOTEBOOKS, Job, is_done, read_state
 from m2f.reproduce.launcher import Local, run_jobs
 from m2f.reproduce.report import RowResult, markdown, row_values, to_csv, to_html
 from m2f.reproduce.scales import SCALES, experiment_config, get_scale, prepare_data
 from m2f.reproduce.summary import write_summary
 from m2f.reproduce.tables import ABLATION, TABLES, VARIANTS, Row, Table, get_table
 from m2f.run_dir import RunDir
+
+__all__ = ["DEFAULT_SEEDS", "NOTEBOOKS", "Grid", "list_tables", "plan", "reproduce", "seed_folder"]
 
 # Seeds per row when --seeds is not given: enough for a t-test where a row costs minutes; one where it
 # costs a day on 8 GPUs.
