@@ -16,10 +16,10 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace, extra: list[str] = ()):  # type: ignore[assignment]
-    from m2f.config import apply_overrides, from_dict, get_config
+    from m2f.config import get_config, load_config_file
 
     if args.config.endswith(".json"):  # a run's config.json (m2f.experiment passes one to torchrun)
-        return apply_overrides(from_dict(json.loads(Path(args.config).read_text())), [*extra, *args.overrides])
+        return load_config_file(args.config, [*extra, *args.overrides])
     return get_config(args.config, [*extra, *args.overrides])
 
 
@@ -46,6 +46,9 @@ def cmd_synth(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from m2f.train import train
 
+    roots = [o.partition("=")[2].strip() for o in args.overrides if o.partition("=")[0].strip() == "data.root"]
+    if args.data and roots and roots[-1] != args.data:
+        raise ValueError(f"--data {args.data} and --set data.root={roots[-1]} name different datasets; give one")
     cfg = _config(args, [f"data.root={args.data}"] if args.data else [])
     result = train(cfg, out_dir=args.out, resume=args.resume)
     print(json.dumps({k: v for k, v in result.items() if k != "eval"}, indent=2))
@@ -308,10 +311,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.fn(args)
-    except (ValueError, KeyError, FileNotFoundError) as err:
-        # User errors (bad config key, missing file, wrong dataset) are one clear line, not a traceback.
-        print(f"m2f {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, KeyError, OSError, FloatingPointError) as err:
+        # User errors (bad config value, missing or unreadable file, wrong dataset, full disk, a run in use,
+        # a diverged training with the advice how to go on)
+        # are one clear line, not a traceback. KeyError's str() is the repr of its argument: unquote it.
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"m2f {args.command}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from err
+    except KeyboardInterrupt:  # Ctrl-C: what was saved has been said (m2f train); no traceback
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

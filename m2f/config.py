@@ -11,10 +11,12 @@ and the training loop pass its fields to typed keyword-only constructors.
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 AttentionType = Literal["masked", "cross", "mask_pooling", "smca"]
@@ -114,6 +116,7 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on GPU (the pixel decoder stays fp32 unless the op supports bf16)
     eval_period: int = 5000
     checkpoint_period: int = 5000
+    checkpoint_minutes: float = 5.0  # also checkpoint when this long has passed since the last one (0 = off)
     log_period: int = 20
     seed: int = 0
 
@@ -232,7 +235,113 @@ def get_config(preset: str = "r50_coco_panoptic", overrides: Iterable[str] = ())
     if preset not in PRESETS:
         raise KeyError(f"unknown preset {preset!r}; available presets: {', '.join(list_presets())}")
     cfg = apply_overrides(Config(name=preset), PRESETS[preset])
-    return apply_overrides(cfg, overrides)
+    return validate(apply_overrides(cfg, overrides))
+
+
+def load_config_file(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+    """Reads a config JSON (a run's config.json, or one written by hand), then applies overrides.
+
+    Every key must be a config field and every value must parse as the field's type, exactly as
+    overrides do: a misspelled key or a string where a number belongs is an error naming the file and
+    the key, not a silently ignored field. Fields the file leaves out keep the defaults.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not JSON, not an object, an unknown key, a value of the wrong type or range.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"config file {path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a JSON object of sections, not a {type(data).__name__}")
+    try:
+        cfg = apply_overrides(Config(), _as_overrides(data))
+    except ValueError as err:
+        raise ValueError(f"config file {path}: {err}") from err
+    return validate(apply_overrides(cfg, overrides))
+
+
+def _as_overrides(data: dict[str, Any], prefix: str = "") -> list[str]:
+    """{"train": {"lr": 1e-4}} -> ["train.lr=0.0001"]: a JSON config goes through the overrides' parser."""
+    items = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            items += _as_overrides(value, f"{prefix}{key}.")
+        elif isinstance(value, list):
+            items.append(f"{prefix}{key}={','.join(map(str, value))}")
+        else:
+            items.append(f"{prefix}{key}={'none' if value is None else value}")
+    return items
+
+
+def validate(cfg: Config) -> Config:
+    """Returns `cfg` if every field is in its range, else raises one ValueError listing each bad key.
+
+    Types are checked when a config is built (`apply_overrides`); this checks values, so that e.g.
+    `model.num_queries=0` or `train.lr=nan` fails before a model is built rather than as a traceback
+    from deep inside the first iteration.
+    """
+    m, lo, d, t, te = cfg.model, cfg.loss, cfg.data, cfg.train, cfg.test
+    rules = [
+        ("model.num_classes", m.num_classes >= 1, "at least 1"),
+        ("model.num_queries", m.num_queries >= 1, "at least 1"),
+        ("model.hidden_dim", m.hidden_dim >= 1 and m.hidden_dim % m.nheads == 0,
+         f"positive and divisible by model.nheads={m.nheads}"),
+        ("model.nheads", m.nheads >= 1, "at least 1"),
+        ("model.conv_dim", m.conv_dim >= 1 and m.conv_dim % m.encoder_heads == 0,
+         f"positive and divisible by model.encoder_heads={m.encoder_heads}"),
+        ("model.mask_dim", m.mask_dim >= 1, "at least 1"),
+        ("model.encoder_layers", m.encoder_layers >= 0, "0 or more"),
+        ("model.encoder_heads", m.encoder_heads >= 1, "at least 1"),
+        ("model.encoder_points", m.encoder_points >= 1, "at least 1"),
+        ("model.dec_layers", m.dec_layers >= 1, "at least 1"),
+        ("model.dim_feedforward", m.dim_feedforward >= 1, "at least 1"),
+        ("model.dropout", 0.0 <= m.dropout < 1.0, "in [0, 1)"),
+        ("model.pixel_std", all(v > 0 for v in m.pixel_std), "positive"),
+        ("model.size_divisibility", m.size_divisibility >= 0, "0 or more"),
+        *((f"loss.{k}", math.isfinite(getattr(lo, k)) and getattr(lo, k) >= 0, "finite and 0 or more")
+          for k in ("class_weight", "mask_weight", "dice_weight", "no_object_weight")),
+        ("loss.num_points", lo.num_points >= 1, "at least 1"),
+        ("loss.oversample_ratio", lo.oversample_ratio >= 1, "at least 1"),
+        ("loss.importance_sample_ratio", 0.0 <= lo.importance_sample_ratio <= 1.0, "in [0, 1]"),
+        ("data.image_size", d.image_size >= 1, "at least 1 (pixels)"),
+        ("data.test_size", d.test_size >= 1, "at least 1 (pixels)"),
+        ("data.test_max_size", d.test_max_size >= d.test_size, f"at least data.test_size={d.test_size}"),
+        ("data.min_scale", math.isfinite(d.min_scale) and d.min_scale > 0, "positive"),
+        ("data.max_scale", math.isfinite(d.max_scale) and d.max_scale >= d.min_scale,
+         f"at least data.min_scale={d.min_scale}"),
+        ("data.num_workers", d.num_workers >= 0, "0 or more"),
+        ("data.max_val_images", d.max_val_images >= 0, "0 (all) or more"),
+        ("train.max_iters", t.max_iters >= 1, "at least 1"),
+        ("train.batch_size", t.batch_size >= 1, "at least 1"),
+        ("train.lr", math.isfinite(t.lr) and t.lr > 0, "finite and positive"),
+        ("train.weight_decay", math.isfinite(t.weight_decay) and t.weight_decay >= 0, "finite and 0 or more"),
+        ("train.backbone_lr_mult", math.isfinite(t.backbone_lr_mult) and t.backbone_lr_mult >= 0, "finite and 0 or more"),
+        ("train.clip_grad_norm", math.isfinite(t.clip_grad_norm) and t.clip_grad_norm > 0, "finite and positive"),
+        ("train.lr_steps", all(0 < f <= 1 for f in t.lr_steps), "fractions of max_iters in (0, 1]"),
+        ("train.poly_power", math.isfinite(t.poly_power) and t.poly_power >= 0, "finite and 0 or more"),
+        ("train.eval_period", t.eval_period >= 0, "0 (off) or more"),
+        ("train.checkpoint_period", t.checkpoint_period >= 1, "at least 1"),
+        ("train.checkpoint_minutes", math.isfinite(t.checkpoint_minutes) and t.checkpoint_minutes >= 0,
+         "0 (off) or more"),
+        ("train.log_period", t.log_period >= 1, "at least 1"),
+        ("test.object_mask_threshold", 0.0 <= te.object_mask_threshold <= 1.0, "in [0, 1]"),
+        ("test.overlap_threshold", 0.0 <= te.overlap_threshold <= 1.0, "in [0, 1]"),
+        ("test.topk_per_image", te.topk_per_image >= 1, "at least 1"),
+    ]
+    bad = [f"{key}={_value(cfg, key)!r} (must be {rule})" for key, ok, rule in rules if not ok]
+    if bad:
+        raise ValueError("invalid config: " + "; ".join(bad))
+    return cfg
+
+
+def _value(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
 
 
 def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from m2f.config import Config
-from m2f.run_dir import RunDir, headline, layer_curves
+from m2f.run_dir import RunDir, headline, layer_curves, log_scalars
 
 
 def run_experiment(cfg: Config, *, run_dir: str | Path, layers: str = "all", proposals: bool = True,
@@ -42,8 +42,19 @@ def run_experiment(cfg: Config, *, run_dir: str | Path, layers: str = "all", pro
     else:
         from m2f.train import train
 
-        train(cfg, out_dir=run, resume=True, progress=progress)
-    return summarize(run, evaluate_run(run, layers=layers, proposals=proposals, progress=progress))
+        # The final checkpoint is evaluated once, below, for every prediction set (not also by train).
+        train(cfg, out_dir=run, resume=True, progress=progress, final_evaluation=False)
+    metrics = evaluate_run(run, layers=layers, proposals=proposals, progress=progress)
+    _log_final_evaluation(RunDir.at(run), cfg, metrics)
+    return summarize(run, metrics)
+
+
+def _log_final_evaluation(run: RunDir, cfg: Config, metrics: dict[str, Any]) -> None:
+    """Ends the run's validation curve (metrics.jsonl) at the final model, once, from that evaluation."""
+    _, evaluations = run.read_metrics()
+    if any(r.get("iteration") == cfg.train.max_iters for r in evaluations):
+        return
+    run.append_metrics({"split": "val", "iteration": cfg.train.max_iters, "seconds": 0.0, **log_scalars(metrics)})
 
 
 def evaluate_run(run_dir: str | Path, *, layers: str = "all", proposals: bool = True,

@@ -32,6 +32,13 @@ METRICS = {"PQ": ("panoptic", "PQ"), "PQ_th": ("panoptic", "PQ_th"), "PQ_st": ("
 LAYER_METRICS = ("PQ", "AP", "mIoU", "AR@100")
 
 
+def log_scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """An evaluation's numbers as the "task/metric" keys of metrics.jsonl's val records (per-class tables
+    and per-layer lists stay out of the log)."""
+    return {f"{task}/{k}": float(v) for task, values in metrics.items() if isinstance(values, dict)
+            for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def headline(metrics: dict[str, Any], names: tuple[str, ...] = tuple(METRICS)) -> dict[str, float]:
     """{name: value on the paper's 0-100 scale} for the `names` present in one evaluation's metrics."""
     out = {}

@@ -8,10 +8,13 @@ checkpoint (atomically) periodically. Everything the run needs to be understood 
 revision, parameter count, skipped images) is written into the run directory.
 """
 
+import dataclasses
 import json
 import logging
 import math
+import os
 import subprocess
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,13 +26,14 @@ from tqdm import tqdm
 
 from m2f import distributed as dist
 from m2f.checkpoint import load, rng_state, save_atomic, set_rng_state
-from m2f.config import Config, from_dict
+from m2f.config import Config, from_dict, validate
 from m2f.criterion import build_criterion
 from m2f.data.loader import build_train_loader, pad_targets
 from m2f.memory import PeakMemory
 from m2f.model import build_model, count_parameters
 from m2f.optim import build_optimizer, build_scheduler, lr_factor
-from m2f.run_dir import RunDir
+from m2f.run_dir import RunDir, log_scalars
+from m2f.run_lock import RunLock
 
 logger = logging.getLogger(__name__)
 
@@ -37,24 +41,43 @@ CHECKPOINT = RunDir.CHECKPOINT
 
 
 def train(cfg: Config, *, out_dir: str | Path, resume: bool = False, progress: bool = True,
-          evaluate_fn: Any = None) -> dict[str, Any]:
+          evaluate_fn: Any = None, final_evaluation: bool = True) -> dict[str, Any]:
     """Trains `cfg` into `out_dir`, returning {"iterations", "final_loss", "eval": last metrics, "run_dir"}.
 
     Args:
         cfg: the experiment; `cfg.data.root` must point at a dataset in `cfg.data.format`.
-        out_dir: the run directory (created); holds config.json, metrics.jsonl, checkpoint.pth.
-        resume: continue from out_dir/checkpoint.pth (its config must equal `cfg` up to `train.max_iters`).
+        out_dir: the run directory (created); holds config.json, metrics.jsonl, checkpoint.pth. One
+            training at a time may use it (`m2f.run_lock`).
+        resume: continue from out_dir/checkpoint.pth (its model config must equal `cfg`'s; the schedule,
+            learning rate and the other train/data fields are this call's, from the resumed iteration on).
         progress: show a progress bar (rank 0 only).
         evaluate_fn: `fn(model, cfg) -> dict` run every `train.eval_period` iterations and at the end;
             defaults to `m2f.inference.evaluate` on the validation split.
+        final_evaluation: evaluate at the end too (False when the caller evaluates the final checkpoint
+            itself, as `m2f.experiment.run_experiment` does for every prediction set).
+
+    Raises:
+        ValueError: a config value out of range, or no dataset given.
+        FileNotFoundError: the dataset root does not exist.
+        RunInUseError: another process is training into `out_dir`.
+        FloatingPointError: the loss or the gradient became non-finite (the message says how to go on).
+        KeyboardInterrupt: Ctrl-C, after writing a checkpoint of the last finished iteration.
     """
+    validate(cfg)
+    cfg = _with_absolute_data_root(cfg)
     device = dist.init()
     run = Path(out_dir)
     if dist.is_main():
-        run.mkdir(parents=True, exist_ok=True)
+        _prepare_run_dir(run)
     dist.barrier()
-    torch.manual_seed(cfg.train.seed + dist.rank())
+    with RunLock(run, what="m2f train") if dist.is_main() else nullcontext():
+        return _train(cfg, run, resume=resume, progress=progress, evaluate_fn=evaluate_fn,
+                      final_evaluation=final_evaluation, device=device)
 
+
+def _train(cfg: Config, run: Path, *, resume: bool, progress: bool, evaluate_fn: Any, final_evaluation: bool,
+           device: torch.device) -> dict[str, Any]:
+    torch.manual_seed(cfg.train.seed + dist.rank())
     model = build_model(cfg).to(device)
     criterion = build_criterion(cfg)
     optimizer = build_optimizer(model, cfg.train)
@@ -80,61 +103,112 @@ def train(cfg: Config, *, out_dir: str | Path, resume: bool = False, progress: b
                desc=f"train {cfg.name}", dynamic_ncols=True)
     last_loss, last_eval, tic = math.nan, {}, time.perf_counter()
     memory = PeakMemory(device=device).start()
+    # The state after the last finished iteration (what Ctrl-C saves) and when it was last saved.
+    done, boundary_rng, stepping, skipped = start_iter, rng_state(), False, []
+    saved_at, saved_time = (start_iter if start_iter else None), time.monotonic()
     model.train()
-    for iteration, (images, targets) in zip(range(start_iter, cfg.train.max_iters), loader):
-        with amp:
-            outputs = ddp([im.to(device) for im in images])
-        targets = pad_targets(targets, outputs["padded_size"], device)
-        try:
-            losses = criterion(outputs, targets)
-            if not torch.isfinite(losses["loss"]):
-                terms = {k: v.item() for k, v in losses.items() if not math.isfinite(v.item())}
-                raise FloatingPointError(f"non-finite loss terms {terms}; lower train.lr or disable train.amp.")
-        except FloatingPointError as err:  # from the loss or from the matcher's cost check
-            raise FloatingPointError(f"training diverged at iteration {iteration}: {err} "
-                                     f"--resume restarts from the last good checkpoint, {run / CHECKPOINT}") from err
-        loss = losses["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm, foreach=True)
-        optimizer.step()
-        scheduler.step()
-        bar.update(1)
+    try:
+        for iteration, (images, targets, skipped_here) in zip(range(start_iter, cfg.train.max_iters), loader):
+            skipped += skipped_here
+            with amp:
+                outputs = ddp([im.to(device) for im in images])
+            targets = pad_targets(targets, outputs["padded_size"], device)
+            try:
+                losses = criterion(outputs, targets)
+                if not torch.isfinite(losses["loss"]):
+                    terms = {k: v.item() for k, v in losses.items() if not math.isfinite(v.item())}
+                    raise FloatingPointError(f"non-finite loss terms {terms}")
+                loss = losses["loss"]
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm, foreach=True)
+                if not torch.isfinite(grad_norm):  # checked before the step, so the weights stay finite
+                    raise FloatingPointError(f"non-finite gradient norm {grad_norm.item()}")
+            except FloatingPointError as err:  # from the loss, the gradient or the matcher's cost check
+                raise FloatingPointError(
+                    f"training diverged at iteration {iteration}: {err}. Lower train.lr (or disable train.amp) "
+                    f"and continue from the last checkpoint ({_checkpoint_note(run, saved_at)}) with --resume "
+                    f"--set train.lr=...") from err
+            lr = max(group["lr"] for group in optimizer.param_groups)  # the rate this step uses
+            stepping = True  # an interrupt inside the update leaves no consistent state to save
+            optimizer.step()
+            scheduler.step()
+            stepping, done, boundary_rng = False, iteration + 1, rng_state()
+            bar.update(1)
 
-        done = iteration + 1
-        if done % cfg.train.log_period == 0 or done == cfg.train.max_iters:
-            elapsed, tic = time.perf_counter() - tic, time.perf_counter()
-            record = dist.all_reduce_mean({k: v.item() for k, v in losses.items() if k.startswith("loss")}, device)
-            last_loss = record["loss"]
-            steps = done % cfg.train.log_period or cfg.train.log_period
-            record.update(iteration=done, lr=cfg.train.lr * lr_factor(iteration, cfg.train),
-                          grad_norm=float(grad_norm), seconds=elapsed,
-                          images_per_s=steps * cfg.train.batch_size / max(elapsed, 1e-9),
-                          peak_memory_mb=memory.peak_bytes() / 2**20)
-            bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{record['lr']:.1e}", ips=f"{record['images_per_s']:.1f}")
-            _append_metrics(run, {"split": "train", **record})
-        if done % cfg.train.checkpoint_period == 0 or done == cfg.train.max_iters:
-            _checkpoint(run, cfg, model, optimizer, scheduler, done)
-        if cfg.train.eval_period > 0 and (done % cfg.train.eval_period == 0 or done == cfg.train.max_iters):
-            model.eval()
-            last_eval = evaluate_fn(model, cfg)
-            model.train()
-            # The next training window starts after the evaluation, so images/s stays a training speed.
-            seconds, tic = time.perf_counter() - tic, time.perf_counter()
-            _append_metrics(run, {"split": "val", "iteration": done, "seconds": seconds, **_scalars(last_eval)})
-            bar.write(f"[{done}] " + ", ".join(f"{k}={v:.3f}" for k, v in _scalars(last_eval).items()
-                                               if k.endswith(("PQ", "AP", "mIoU"))))
+            if done % cfg.train.log_period == 0 or done == cfg.train.max_iters:
+                elapsed, tic = time.perf_counter() - tic, time.perf_counter()
+                record = dist.all_reduce_mean({k: v.item() for k, v in losses.items() if k.startswith("loss")},
+                                              device)
+                last_loss = record["loss"]
+                steps = done % cfg.train.log_period or cfg.train.log_period
+                record.update(iteration=done, lr=lr, grad_norm=float(grad_norm), seconds=elapsed,
+                              images_per_s=steps * cfg.train.batch_size / max(elapsed, 1e-9),
+                              peak_memory_mb=memory.peak_bytes() / 2**20)
+                bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.1e}", ips=f"{record['images_per_s']:.1f}")
+                _append_metrics(run, {"split": "train", **record})
+            minutes = cfg.train.checkpoint_minutes
+            if (done % cfg.train.checkpoint_period == 0 or done == cfg.train.max_iters
+                    or (minutes > 0 and time.monotonic() - saved_time >= 60 * minutes)):
+                _checkpoint(run, cfg, model, optimizer, scheduler, done, boundary_rng)
+                saved_at, saved_time = done, time.monotonic()
+            at_end = done == cfg.train.max_iters
+            if cfg.train.eval_period > 0 and (done % cfg.train.eval_period == 0 or at_end) and (
+                    final_evaluation or not at_end):
+                model.eval()
+                last_eval = evaluate_fn(model, cfg)
+                model.train()
+                # The next training window starts after the evaluation, so images/s stays a training speed.
+                seconds, tic = time.perf_counter() - tic, time.perf_counter()
+                _append_metrics(run, {"split": "val", "iteration": done, "seconds": seconds, **log_scalars(last_eval)})
+                bar.write(f"[{done}] " + ", ".join(f"{k}={v:.3f}" for k, v in log_scalars(last_eval).items()
+                                                   if k.endswith(("PQ", "AP", "mIoU"))))
+    except KeyboardInterrupt:
+        bar.close()
+        if dist.is_main():
+            if not stepping and done != saved_at:
+                _checkpoint(run, cfg, model, optimizer, scheduler, done, boundary_rng)
+                saved_at = done
+            print(f"\nm2f train: stopped at iteration {done}; last checkpoint at {_checkpoint_note(run, saved_at)}; "
+                  f"continue with --resume", file=sys.stderr, flush=True)
+        raise
     bar.close()
-    skipped = loader.dataset.skip_summary()
-    if skipped and dist.is_main():
-        logger.warning(skipped)
+    summary = loader.dataset.skip_summary(also=skipped)
+    if dist.is_main():
+        RunDir.at(run).run_info_file.write_text(json.dumps(
+            {**RunDir.at(run).read_run_info(), "skipped": sorted(set(skipped) | set(loader.dataset.skipped)),
+             "skip_summary": summary}, indent=2))
+        if skipped or loader.dataset.skipped:
+            logger.warning(summary)
     return {"iterations": cfg.train.max_iters, "final_loss": last_loss, "eval": last_eval, "run_dir": str(run)}
 
 
-def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
-    """The headline numbers of an evaluation as "task/metric" keys (per-class tables stay out of the log)."""
-    return {f"{task}/{k}": float(v) for task, values in metrics.items() if isinstance(values, dict)
-            for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+def _checkpoint_note(run: Path, iteration: int | None) -> str:
+    return f"iteration {iteration}, {run / CHECKPOINT}" if iteration is not None else "none written yet"
+
+
+def _with_absolute_data_root(cfg: Config) -> Config:
+    """Checks the dataset root exists and makes it absolute, so the run opens from any directory later."""
+    root = cfg.data.root
+    if not root:
+        raise ValueError("no dataset given: pass --data DIR (or set data.root); `m2f data synth DIR` generates "
+                         "the synthetic one")
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"dataset root {root} (data.root) does not exist; generate the synthetic one with "
+                                f"`m2f data synth {root}` or pass --data with the folder holding the dataset")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(Path(root).resolve())))
+
+
+def _prepare_run_dir(run: Path) -> None:
+    """Creates the run directory, with a clear error when it cannot be one (a file, read-only, ...)."""
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as err:
+        raise NotADirectoryError(f"--out {run} is a file, not a run directory; choose another path") from err
+    except OSError as err:
+        raise OSError(f"cannot create the run directory {run}: {err.strerror or err}") from err
+    if not os.access(run, os.W_OK | os.X_OK):
+        raise PermissionError(f"the run directory {run} is not writable; choose another --out")
 
 
 def _append_metrics(run: Path, record: dict[str, Any]) -> None:
@@ -143,27 +217,48 @@ def _append_metrics(run: Path, record: dict[str, Any]) -> None:
 
 
 def _checkpoint(run: Path, cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                scheduler: Any, iteration: int) -> None:
+                scheduler: Any, iteration: int, rng: dict[str, Any]) -> None:
+    """Writes the state after `iteration` finished iterations; `rng` is the RNG state at that moment."""
     if not dist.is_main():
         return
     save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "rng": rng_state(), "iteration": iteration,
+                 "scheduler": scheduler.state_dict(), "rng": rng, "iteration": iteration,
                  "config": cfg.to_dict()}, run / CHECKPOINT)
 
 
 def _restore(path: Path, cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              scheduler: Any) -> int:
+    """Loads the checkpoint's weights, optimizer moments and RNG states; the learning rate, weight decay and
+    schedule stay those of `cfg` (a resume with a lower train.lr really trains at it). Returns the iteration."""
     state = load(path)
     saved = from_dict(state["config"])
     if saved.model != cfg.model:
         raise ValueError(f"cannot resume {path}: its model config differs from this run's "
                          f"({_diff(saved.model, cfg.model)})")
+    iteration = int(state["iteration"])
+    if iteration > cfg.train.max_iters:
+        raise ValueError(f"cannot resume {path}: it is at iteration {iteration}, past train.max_iters="
+                         f"{cfg.train.max_iters}")
+    configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as err:  # parameter groups are made by (lr, weight decay): a new grouping does not fit
+        raise ValueError(f"cannot resume {path}: its optimizer has other parameter groups than this config's "
+                         f"(train.backbone_lr_mult or a zero/non-zero weight decay changed): {err}") from err
     scheduler.load_state_dict(state["scheduler"])
+    old_lr = max(group["lr"] for group in optimizer.param_groups)
+    # This config's hyperparameters, at this config's schedule for the resumed iteration.
+    scheduler.base_lrs = [hyper["initial_lr"] for hyper in configured]
+    for group, hyper in zip(optimizer.param_groups, configured):
+        group.update(hyper, lr=hyper["initial_lr"] * lr_factor(iteration, cfg.train))
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     set_rng_state(state["rng"])
-    logger.info("resumed %s at iteration %d", path, state["iteration"])
-    return int(state["iteration"])
+    new_lr = max(group["lr"] for group in optimizer.param_groups)
+    if dist.is_main():
+        change = f" (the checkpoint ran at {old_lr:.3g})" if not math.isclose(old_lr, new_lr, rel_tol=1e-9) else ""
+        print(f"m2f train: resumed {path} at iteration {iteration}, lr {new_lr:.3g}{change}", flush=True)
+    return iteration
 
 
 def _diff(a: Any, b: Any) -> str:
@@ -187,4 +282,6 @@ def _write_run_info(run: Path, cfg: Config, model: torch.nn.Module, loader: Any,
     RunDir.at(run).config_file.write_text(cfg.to_json())
     RunDir.at(run).run_info_file.write_text(json.dumps(info, indent=2))
     print(f"m2f train: {cfg.name} -> {run}\n  git {info['git_revision']}, {info['parameters'] / 1e6:.2f}M parameters, "
-          f"{info['train_images']} training images, {dist.world_size()} process(es)\n{cfg.to_json()}", flush=True)
+          f"{info['train_images']} training images, {dist.world_size()} process(es), {cfg.train.max_iters} iterations"
+          f" of batch {cfg.train.batch_size} at lr {cfg.train.lr:g}; the whole config is in "
+          f"{RunDir.at(run).config_file}", flush=True)

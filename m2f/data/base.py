@@ -116,9 +116,10 @@ class SegmentationDataset(Dataset):
         self.records = records
         self._num_listed = num_listed
 
-    def skip_summary(self) -> str:
-        """E.g. "skipped 3 of 1000 images: image file not found (2), ..." (this process's view)."""
-        return skip_summary(self.skipped, self._num_listed)
+    def skip_summary(self, also: Sequence[tuple[str, str]] = ()) -> str:
+        """E.g. "skipped 3 of 1000 images: image file not found (2), ...": this process's record plus
+        `also`, the pairs DataLoader workers reported in the items' "skipped" field."""
+        return skip_summary([*self.skipped, *also], self._num_listed)
 
     def __len__(self) -> int:
         return len(self.records)

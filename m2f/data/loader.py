@@ -83,9 +83,17 @@ class SeededDataset(Dataset):
         return getattr(self.dataset, name)
 
 
-def collate_lists(batch: list[dict[str, Any]]) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
-    """Keeps images at their own sizes (the model pads them) and targets as per-image dicts."""
-    return [b["image"] for b in batch], [{"labels": b["labels"], "masks": b["masks"]} for b in batch]
+def collate_lists(batch: list[dict[str, Any]]
+                  ) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]], list[tuple[str, str]]]:
+    """Keeps images at their own sizes (the model pads them) and targets as per-image dicts.
+
+    Returns:
+        (images, targets, skipped): `skipped` gathers the `(file, problem)` pairs of images the dataset
+        skipped to produce these items (inside DataLoader workers, where the training loop cannot see
+        the dataset's own record).
+    """
+    return ([b["image"] for b in batch], [{"labels": b["labels"], "masks": b["masks"]} for b in batch],
+            [tuple(pair) for b in batch for pair in b.get("skipped", [])])
 
 
 def pad_targets(targets: list[dict[str, torch.Tensor]], size: tuple[int, int], device: torch.device
