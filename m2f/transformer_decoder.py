@@ -231,7 +231,7 @@ class MaskedTransformerDecoder(nn.Module):
             with the same keys, prediction #0 (before any layer) first]}, and with `capture` also
             "capture": one dict per layer with "attn_weights" (B, M, Q, S) (M = 1 for mask pooling),
             "attend_mask" (B, Q, S) bool (True = the query may attend there; None for standard
-            cross-attention), "levels" (pyramid indices) and "level_shapes" [(H_l, W_l)], S = sum H_l W_l.
+            cross-attention and SMCA, whose prior is in the weights), "levels" (pyramid indices) and "level_shapes" [(H_l, W_l)], S = sum H_l W_l.
         """
         batch = mask_features.shape[0]
         srcs, pos, shapes = [], [], []
