@@ -34,7 +34,8 @@ from m2f.overlay import overlay, palette, resize_rgb
 from m2f.run_dir import RunDir
 from m2f.run_label import short_names
 
-PLOT = {"xaxis": None, "yaxis": None, "toolbar": None}
+# Titles of up to three short lines (a 230 px frame cuts one long line): 10 pt keeps them inside it.
+PLOT = {"xaxis": None, "yaxis": None, "toolbar": None, "fontsize": {"title": "10pt"}}
 
 
 class AttentionExplorer(param.Parameterized):
@@ -114,19 +115,19 @@ class AttentionExplorer(param.Parameterized):
         after = cap.mask(self.layer, self.query) > 0.5
         mask_rgb = overlay(resize_rgb(image.image, after.shape), after, color)
         # An empty mask looks like the plain image: say so rather than leave the reader guessing.
-        what = f"{category} {scores[self.query]:.2f}" + ("" if after.any() else ", mask empty (no pixel > 0.5)")
+        what = f"{category} {scores[self.query]:.2f}" + ("" if after.any() else "\nmask empty (no pixel > 0.5)")
         predicted = hv.RGB(mask_rgb, bounds=cap.bounds(MASK_STRIDE), group="Predicted", label="mask").opts(
-            title=f"q{self.query} after layer {self.layer}: {what}", **opts)
+            title=f"q{self.query} after layer {self.layer}\n{what}", **opts)
         gate, gate_bounds = cap.attention_mask(layer, self.query, level_pos)
         if gate is None:
             gate_plot = hv.RGB(image.image, bounds=cap.image_bounds, group="AttentionMask", label="none").opts(
-                title="no attention mask (cross-attention)", **opts)
+                title="no attention mask\n(cross-attention)", **opts)
         else:
-            title = f"attention mask of layer {self.layer}, {level_name}"
+            title = f"attention mask, layer {self.layer}, {level_name}"
             if gate.all():  # all white: the blank panel needs its reason
                 before = cap.mask(layer, self.query) > 0.5  # prediction set layer = the one before this layer
-                title += (": covers all (set {} mask is everywhere)" if before.all() else
-                          ": all white, set {} mask empty, so attends everywhere").format(layer)
+                title += ("\nall white: set {} mask covers all" if before.all() else
+                          "\nall white: set {} mask is empty,\nso it attends everywhere").format(layer)
             gate_plot = hv.Image(gate.astype(np.float32), bounds=gate_bounds, group="AttentionMask",
                                  label="mask").opts(cmap="gray", clim=(0, 1), title=title, **opts)
         attn, attn_bounds = cap.attention(layer, self.query, head, level_pos)
@@ -135,7 +136,7 @@ class AttentionExplorer(param.Parameterized):
             cmap="inferno", alpha=0.65, tools=["hover"], colorbar=True, colorbar_position="right",
             clim=(0.0, max(float(attn.max()), 1e-6)))
         attention = (hv.RGB(image.image, bounds=cap.image_bounds) * heat).opts(
-            title=f"layer {self.layer} attention, head {self.head}, {level_name}", **opts)
+            title=f"layer {self.layer} attention\nhead {self.head}, {level_name}", **opts)
 
         region = cap.predicted_region(self.layer, self.query)
         info: dict[str, Any] = {"run": name, "attention": cfg.model.attention, "foreground_gt": None, "gt": None,

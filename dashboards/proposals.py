@@ -123,8 +123,9 @@ class ProposalsExplorer(param.Parameterized):
         for p in range(cap.num_layers + 1):
             classes, scores = cap.classes(p)
             titles.append(f"set {p} c{classes[self.query]} {scores[self.query]:.2f}")
+        # Two rows of tiles: one row of ten is too flat for its title and toolbar.
         rgb, labels, _, _ = self._tiles(query_tiles(cap, query=self.query), titles,
-                                        cap.num_layers + 1, "Track")
+                                        -(-(cap.num_layers + 1) // 2), "Track")
         return (rgb * labels).opts(title=f"query {self.query} in prediction sets 0 (learnable queries) to "
                                          f"{cap.num_layers} (after layer {cap.num_layers})", xaxis=None, yaxis=None,
                                    **frame(*rgb.data.shape[:2], size=900))

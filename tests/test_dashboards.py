@@ -12,6 +12,7 @@ import pytest
 import torch
 from bokeh.models import GlyphRenderer
 from bokeh.models import Image as ImageGlyph
+from bokeh_checks import legends_beside_the_data
 from fixtures_run import ITERATIONS, make_runs
 from PIL import Image
 
@@ -289,28 +290,13 @@ def test_one_layer_numbering_category_names_and_a_colour_bar(runs):
     title = _title(element(layout, "Predicted"))
     label = int(cap.classes(9)[0][2])
     name = RunDir.at(runs["init"]).val_dataset().categories.names[label]
-    assert title.startswith("q2 after layer 9: ") and f"{name} (class {label})" in title
+    assert title.startswith("q2 after layer 9\n") and f"{name} (class {label})" in title
     attention = list(layout)[3]
     assert "layer 9 attention" in _title(attention)
     from bokeh.models import ColorBar
     plot = hv.render(attention)
     bars = [m for m in plot.right if isinstance(m, ColorBar)]
     assert len(bars) == 1 and bars[0].title == "attention weight"
-
-
-def _legends_beside_the_data(root):
-    """Every Bokeh figure's legends, asserted to sit in the figure's right panel (outside the frame)."""
-    from bokeh.models import Legend
-    from bokeh.plotting import figure
-
-    figures = list(root.select({"type": figure}))
-    legends = 0
-    for fig in figures:
-        assert not [m for m in fig.center if isinstance(m, Legend)], f"a legend over the data of {fig.title.text}"
-        legends += len([m for m in fig.right if isinstance(m, Legend)])
-        for axis in (*fig.xaxis, *fig.yaxis):
-            assert axis.axis_label, f"an unnamed axis in {fig.title.text}"
-    return figures, legends
 
 
 def test_metrics_plots_have_legends_outside_named_axes_and_short_run_names(runs, tmp_path):
@@ -320,7 +306,7 @@ def test_metrics_plots_have_legends_outside_named_axes_and_short_run_names(runs,
     with open(validated / "metrics.jsonl", "a") as log:
         log.write(json.dumps({"split": "val", "iteration": 6, "panoptic/PQ": 0.1, "panoptic/AP": 0.05}) + "\n")
     view = LayerMetrics(runs=[str(runs["masked"]), str(runs["cross"]), str(validated)])
-    figures, legends = _legends_beside_the_data(view.panel().get_root())
+    figures, legends = legends_beside_the_data(view.panel().get_root())
     assert len(figures) == 4 and legends == 4  # per layer, per class, training, validation
     assert all(f.sizing_mode in ("stretch_width", "stretch_both") for f in figures)
     by_title = {f.title.text: f for f in figures}
