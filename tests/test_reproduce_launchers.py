@@ -1,0 +1,51 @@
+"""Launcher options and job states without running a grid: the Slurm options submitit turns into #SBATCH lines,
+and what --status says for each state a job file can hold."""
+
+import os
+import socket
+import subprocess
+
+import pytest
+
+from m2f.reproduce.jobs import Job, JobState, write_state
+from m2f.reproduce.slurm import Slurm
+from m2f.reproduce.status import job_status
+
+
+def test_slurm_options_become_sbatch_lines(tmp_path, monkeypatch):
+    import submitit
+
+    options = Slurm(jobs=8, partition="gpu", gpus_per_job=8, cpus_per_job=80, time_min=4320, account="proj",
+                    mem="480G", sbatch=("qos=high", "--exclusive"), setup=("module load cuda",))
+    monkeypatch.setattr("shutil.which", lambda name, *a, **k: f"/usr/bin/{name}")  # no Slurm needed to render
+    executor = submitit.AutoExecutor(folder=tmp_path, cluster="slurm")
+    executor.update_parameters(**options.parameters("m2f-table4a"))
+    script = executor._executor._make_submission_file_text("python -m x", "uid")
+    for line in ("--partition=gpu", "--gpus-per-node=8", "--cpus-per-task=80", "--time=4320", "--account=proj",
+                 "--mem=480G", "--qos=high", "--exclusive", "--signal=USR2@90", "--job-name=m2f-table4a",
+                 "--nodes=1", "--ntasks-per-node=1"):
+        assert f"#SBATCH {line}" in script, line
+    assert "module load cuda" in script
+    assert executor._executor.parameters["array_parallelism"] == 8  # --jobs: tasks of the array at once
+    with pytest.raises(ValueError, match="nodes > 1"):
+        Slurm(nodes=2).parameters("x")
+
+
+def test_status_of_each_job_state(tmp_path):
+    def job(name: str) -> Job:
+        return Job(name, "02_ablation.ipynb", tmp_path / name, {"seed": 0})
+
+    assert job_status(job("new")) == ("pending", "not started")
+    write_state(job("failed"), JobState("failed", log="/logs/1_0_log.err", error="cell 5: ValueError"))
+    assert job_status(job("failed")) == ("failed", "log /logs/1_0_log.err: cell 5: ValueError")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    write_state(job("killed"), JobState("running", job_id=str(dead.pid), host=socket.gethostname()))
+    assert job_status(job("killed"))[0] == "stopped"
+    write_state(job("alive"), JobState("running", job_id=str(os.getpid()), host=socket.gethostname()))
+    state, detail = job_status(job("alive"))
+    assert state == "running" and f"local job {os.getpid()} on {socket.gethostname()}" in detail
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "metrics.json").write_text("{}")
+    (tmp_path / "done" / "params.json").write_text('{"seed": 0}')
+    assert job_status(job("done"))[0] == "done"
