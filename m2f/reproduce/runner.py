@@ -89,7 +89,8 @@ def plan(name: str, *, scale: str = "tiny", data: str | Path | None = None, out:
         raise ValueError(f"--seeds must be >= 1, got {count}")
     grid = Grid(table, out, list(range(seed, seed + count)))
     extra = list(overrides)
-    if table.kind == "quickstart":
+    if table.kind == "quickstart":  # one short training, no seeds
+        grid.seeds = grid.seeds[:1]
         folder = out / "quickstart"
         grid.once = Job("quickstart", table.notebook, folder,
                         {"data_dir": str(data_dir), "output_dir": str(folder), "max_iters": max_iters, "overrides": extra},
