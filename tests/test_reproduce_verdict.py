@@ -102,3 +102,9 @@ def test_report_and_csv_carry_mean_spread_every_seed_and_the_verdict(tmp_path):
     assert (summary["table12d"]["1 seed"], summary["table12d"]["comparisons"]) == ("2", "2")
     assert summary["total"]["comparisons"] == str(len(verdicts) + 2)
     assert "[table4a](table4a.md)" in (tmp_path / "SUMMARY.md").read_text()
+
+
+def test_a_metric_without_a_value_is_not_judged():
+    # Attention mass with no matched query is NaN (json NaN): no verdict, no crash.
+    assert compare([float("nan"), 0.4], [0.2, 0.3], 0.23, 0.53).verdict == ""
+    assert compare([float("nan")], [0.2], 0.23, 0.53).verdict == ""

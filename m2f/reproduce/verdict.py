@@ -18,7 +18,6 @@ A paper difference under `NO_CHANGE` is "no change" in the paper and is not judg
 """
 
 import math
-import statistics
 from dataclasses import dataclass
 
 NO_CHANGE = 0.05  # paper differences smaller than this (in the metric's units) count as equal
@@ -47,16 +46,20 @@ class Comparison:
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
-    """The mean and the sample standard deviation (0 for one value)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    """The mean and the sample standard deviation (0 for one value); NaN in, NaN out (`statistics.stdev`
+    raises on NaN, which a metric without matches can be)."""
+    mean = math.fsum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 def welch_interval(ours: list[float], base: list[float], *, confidence: float = CONFIDENCE) -> tuple[float, float]:
     """The `confidence` interval of mean(ours) - mean(base) by Welch's t-test (both need >= 2 values)."""
     from scipy import stats
 
-    diff = statistics.fmean(ours) - statistics.fmean(base)
-    if statistics.variance(ours) == 0 and statistics.variance(base) == 0:
+    diff = mean_std(ours)[0] - mean_std(base)[0]
+    if mean_std(ours)[1] == 0 and mean_std(base)[1] == 0:
         # Identical seeds on both sides (deterministic metric): no spread, the difference is exact.
         return diff, diff
     interval = stats.ttest_ind(ours, base, equal_var=False).confidence_interval(confidence)
@@ -67,12 +70,12 @@ def compare(ours: list[float], base: list[float], paper: float | None, paper_bas
     """The verdict of one row's metric (its seeds' values) against the baseline's; None without values."""
     if not ours or not base:
         return None
-    diff = statistics.fmean(ours) - statistics.fmean(base)
+    diff = mean_std(ours)[0] - mean_std(base)[0]
     paper_diff = None if paper is None or paper_base is None else paper - paper_base
     low = high = None
     if len(ours) > 1 and len(base) > 1:
         low, high = welch_interval(ours, base)
-    if paper_diff is None or abs(paper_diff) < NO_CHANGE:
+    if paper_diff is None or abs(paper_diff) < NO_CHANGE or math.isnan(diff):
         return Comparison(diff, low, high, paper_diff, "")
     same_sign = (diff > 0) == (paper_diff > 0)
     if low is None:
