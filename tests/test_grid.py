@@ -17,6 +17,7 @@ from m2f.data.synthetic import generate
 from m2f.reproduce import Local, plan, reproduce, status
 from m2f.reproduce.jobs import read_state
 from m2f.reproduce.launcher import worker_slots
+from m2f.reproduce.slurm import in_queue
 
 TABLE = "table12d"  # two rows: the MaskFormer and the Mask2Former decoder, both on the FPN pixel decoder
 ITERS = 4
@@ -115,11 +116,9 @@ def test_slurm_grid_equals_local_and_survives_a_requeue(local_grid, data, tmp_pa
         state = read_state_of(victim)
         assert state is not None and state.state == "running", state
         subprocess.run(["scancel", "--signal=USR2", state.job_id], check=True)  # what Slurm sends on preemption
-        while (read_state_of(victim).error != "requeued (preempted or timed out)"
-               and time.monotonic() < deadline):
+        # Slurm holds a requeued job for about 2 minutes (Reason=BeginTime); release it to keep the test short.
+        while in_queue(state.job_id) != "PENDING" and time.monotonic() < deadline:
             time.sleep(0.2)
-        # Slurm holds a requeued job for about 2 minutes (Reason=BeginTime); release it now to keep the test short.
-        time.sleep(2)
         subprocess.run(["scontrol", "update", f"JobId={state.job_id}", "StartTime=now"], check=True)
         listing = subprocess.run([sys.executable, "-m", "m2f", "reproduce", TABLE, "--status", "--data", str(data),
                                   "--out", str(out), "--iters", str(ITERS), "--seeds", "2",
