@@ -115,24 +115,36 @@ def run_slurm(jobs: list[Job], launcher: Slurm, *, name: str = "m2f-reproduce") 
     """Submits `jobs` as one array and waits for all of them; returns {folder: error}."""
     import submitit
 
-    executor = submitit.AutoExecutor(folder=launcher.folder / "%j", cluster="slurm")
-    executor.update_parameters(**launcher.parameters(name))
-    submitted = executor.map_array(_checkpointable()(), jobs, [launcher.cpus_per_job] * len(jobs))
-    for job, task in zip(jobs, submitted):
+    # A job still queued or running from an earlier invocation (the command was stopped, the array was not)
+    # is waited for, not submitted twice into the same folder.
+    queued = {}
+    for job in jobs:
+        state = read_state(job)
+        if state and state.launcher == "slurm" and state.state in ("pending", "running") and in_queue(state.job_id):
+            queued[str(job.folder)] = submitit.SlurmJob(folder=launcher.folder / "%j", job_id=state.job_id)
+            print(f"  {job.label}: already in the queue as Slurm job {state.job_id}", flush=True)
+    fresh = [job for job in jobs if str(job.folder) not in queued]
+    submitted = []
+    if fresh:
+        executor = submitit.AutoExecutor(folder=launcher.folder / "%j", cluster="slurm")
+        executor.update_parameters(**launcher.parameters(name))
+        submitted = executor.map_array(_checkpointable()(), fresh, [launcher.cpus_per_job] * len(fresh))
+    for job, task in zip(fresh, submitted):
         write_state(job, JobState("pending", launcher="slurm", job_id=task.job_id, log=str(task.paths.stdout)))
         print(f"  {job.label}: submitted as Slurm job {task.job_id} (log {task.paths.stdout})", flush=True)
+    tasks = {**queued, **{str(job.folder): task for job, task in zip(fresh, submitted)}}
     errors: dict[str, str] = {}
     gone: dict[str, int] = {}
     while len(errors) < len(jobs):
-        for job, task in zip(jobs, submitted):
-            key = str(job.folder)
+        for job in jobs:
+            key, task = str(job.folder), tasks[str(job.folder)]
             if key in errors:
                 continue
             if task.paths.result_pickle.exists():
                 errors[key] = _result(task)
             elif not in_queue(task.job_id):
                 # Without slurmdbd (sacct) a job that died before writing its result is only seen as gone;
-                # a requeue passes through the queue, so it must be gone twice in a row.
+                # a requeued job stays in the queue, so three polls in a row without it mean it is gone.
                 gone[key] = gone.get(key, 0) + 1
                 if gone[key] >= 3 and not task.paths.result_pickle.exists():
                     errors[key] = f"Slurm job {task.job_id} left the queue without a result (log {task.paths.stderr})"
