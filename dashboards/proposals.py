@@ -85,10 +85,13 @@ class ProposalsExplorer(param.Parameterized):
         """A mosaic of tiles with a title at each tile's top-left corner (plot coordinates = mosaic pixels)."""
         grid, corners = mosaic(tiles, columns=columns)
         h, w = grid.shape[:2]
+        # Axes named per mosaic: Panel links the axes of panes whose dimensions share names, which
+        # squeezed the track into the grid's ranges.
+        kdims = [f"{group.lower()}_x", f"{group.lower()}_y"]
         labels = hv.Labels([(left + 1, h - top - 1, t) for (top, left), t in zip(corners, titles)],
-                           kdims=["gx", "gy"]).opts(text_font_size="7pt", text_color="white",
+                           kdims=kdims).opts(text_font_size="7pt", text_color="white",
                                                     text_align="left", text_baseline="top")
-        rgb = hv.RGB(grid, bounds=(0, 0, w, h), kdims=["gx", "gy"], group=group)
+        rgb = hv.RGB(grid, bounds=(0, 0, w, h), kdims=kdims, group=group)
         return rgb, labels, corners, tiles[0].shape[:2]
 
     def grid(self) -> tuple[hv.Overlay, hv.streams.Tap]:

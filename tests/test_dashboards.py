@@ -135,6 +135,8 @@ def test_proposals_grid_track_and_click(runs):
     assert not np.array_equal(view.grid()[0].get(0).data, first)
     track = view.track()
     assert len(track.get(1).data) == view.capture().num_layers + 1
+    # Differently named axes: Panel links panes' axes by name, which squeezed the track into the grid's ranges.
+    assert {d.name for d in track.get(0).kdims}.isdisjoint(d.name for d in grid.get(0).kdims)
     # Clicking the third tile of the first row follows query 2.
     _, tile_w = view.capture().valid_cells(MASK_STRIDE)
     grid, tap = view.grid()
