@@ -233,7 +233,7 @@ def test_overlay_fills_segments_outlines_things_and_leaves_void_alone():
     assert picture[2, 2].tolist() == [50, 150, 50]  # the stuff fill: half image, half colour, no outline
     assert picture[20, 55].tolist() == (_shade(segments[1]) * 0.6).astype(int).tolist()  # the thing's outline
     inner = (100 * 0.5 + _shade(segments[1]) * 0.5).astype(int)
-    assert np.abs(picture[24, 44] - inner).max() <= 1  # inside the outline: the fill
+    assert np.abs(picture[46, 66] - inner).max() <= 1  # inside the outline (away from the labels): the fill
     assert picture[2, 75].tolist() == [100, 100, 100]  # below min_score: not drawn
     assert (picture[25:35, 5:25] != [50, 150, 50]).any()  # the label "grass 90%" is drawn on the region
     with pytest.raises(ValueError, match="differ in size"):

@@ -63,6 +63,10 @@ def draw_prediction(image: np.ndarray, prediction: Prediction, *, min_score: flo
         text = f"{segment.name} {segment.score:.0%}"
         x, y = _label_point(segment.mask)
         left, top, right, bottom = canvas.textbbox((x, y), text, font=font, anchor="mm")
+        # Shift labels near the border back inside the picture.
+        dx = max(2 - left, 0) - max(right - (w - 3), 0)
+        dy = max(1 - top, 0) - max(bottom - (h - 2), 0)
+        x, y, left, top, right, bottom = x + dx, y + dy, left + dx, top + dy, right + dx, bottom + dy
         canvas.rectangle((left - 2, top - 1, right + 2, bottom + 1), fill=(0, 0, 0))
         canvas.text((x, y), text, fill=tuple(int(c) for c in np.maximum(_shade(segment), 120)), font=font,
                     anchor="mm")
