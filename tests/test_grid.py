@@ -109,7 +109,7 @@ def test_slurm_grid_equals_local_and_survives_a_requeue(local_grid, data, tmp_pa
         tic = time.perf_counter()
         grid = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         victim = out / "rows" / "panoptic-fpn"  # seed 0 of the baseline row
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 450  # the victim is the third array task: it starts after one of the first two
         # Preempt it mid-training: after its first checkpoint (iteration 2), before it finishes.
         while not (victim / "run" / "checkpoint.pth").is_file() and time.monotonic() < deadline:
             time.sleep(0.2)
