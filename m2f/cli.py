@@ -311,9 +311,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.fn(args)
-    except (ValueError, KeyError, OSError, FloatingPointError) as err:
+    except (ValueError, KeyError, OSError, FloatingPointError, MemoryError) as err:
         # User errors (bad config value, missing or unreadable file, wrong dataset, full disk, a run in use,
-        # a diverged training with the advice how to go on)
+        # a diverged training with the advice how to go on, an image too large to evaluate)
         # are one clear line, not a traceback. KeyError's str() is the repr of its argument: unquote it.
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"m2f {args.command}: error: {message}", file=sys.stderr)

@@ -1,5 +1,7 @@
-"""Peak memory of a stretch of work, measured the same way by the training loop and the benchmarks."""
+"""Memory: the peak of a stretch of work (measured the same way by the training loop and the benchmarks),
+and how much more this process may allocate (`available_bytes`), so that work can refuse before it starts."""
 
+import contextlib
 import resource
 from pathlib import Path
 
@@ -56,8 +58,23 @@ def _max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
 
 
-def _status_bytes(field: str) -> int:
-    for line in _STATUS.read_text().splitlines():
+def _status_bytes(field: str, file: Path = _STATUS) -> int:
+    for line in file.read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024  # kB
-    raise OSError(f"{_STATUS} has no {field} line")
+    raise OSError(f"{file} has no {field} line")
+
+
+def available_bytes() -> int:
+    """What this process can still allocate on the CPU: the kernel's MemAvailable, and, when an address
+    space limit is set (`ulimit -v`, `resource.RLIMIT_AS`), what is left under it. -1 when unknown."""
+    limits = []
+    with contextlib.suppress(OSError):
+        limits.append(_status_bytes("MemAvailable", Path("/proc/meminfo")))
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        try:
+            limits.append(soft - _status_bytes("VmSize"))
+        except OSError:
+            limits.append(soft)
+    return max(min(limits), 0) if limits else -1

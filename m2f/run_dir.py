@@ -138,6 +138,27 @@ class RunDir:
     def checkpoint(self) -> Path:
         return self.checkpoint_file or self.root / self.CHECKPOINT
 
+    def data_root(self, root: str) -> str:
+        """Where the dataset a run names (`data.root`) is on this machine, "" when it is nowhere.
+
+        Runs record the path they were trained with. That path may be relative to where a notebook ran
+        (older runs: "../results/tiny/data") or absolute on another machine or clone
+        ("/home/a/m2f/results/tiny/data"); a run directory that travelled with its dataset (a clone of
+        the repository, a copied results/ folder) still finds it: the path as given, then the path's
+        trailing parts below the run directory and each of its parents, the longest match first.
+        """
+        if not root:
+            return ""
+        if Path(root).is_dir():
+            return str(Path(root).resolve())
+        parts = [p for p in Path(root).parts if p not in ("/", "..", ".")]
+        for folder in [self.root.resolve(), *self.root.resolve().parents]:
+            for start in range(len(parts)):
+                candidate = folder.joinpath(*parts[start:])
+                if candidate.is_dir():
+                    return str(candidate)
+        return ""
+
     @property
     def config_file(self) -> Path:
         return self.root / self.CONFIG
@@ -365,8 +386,9 @@ def _val_dataset(checkpoint: str, **identity: Any) -> Any:
 
     _, cfg = _load(checkpoint, **identity)
     d = cfg.data
-    if not d.root or not Path(d.root).exists():
+    root = RunDir.at(checkpoint).data_root(d.root)
+    if not root:
         raise FileNotFoundError(f"the run's dataset root {d.root!r} (data.root) is not on this machine; "
                                 f"upload an image instead")
     transforms = build_test_transforms(size=d.test_size, max_size=d.test_max_size)
-    return build_dataset(d.format, d.root, d.val_split, task=d.task, transforms=transforms)
+    return build_dataset(d.format, root, d.val_split, task=d.task, transforms=transforms)

@@ -103,8 +103,9 @@ def _train(cfg: Config, run: Path, *, resume: bool, progress: bool, evaluate_fn:
                desc=f"train {cfg.name}", dynamic_ncols=True)
     last_loss, last_eval, tic = math.nan, {}, time.perf_counter()
     memory = PeakMemory(device=device).start()
-    # The state after the last finished iteration (what Ctrl-C saves) and when it was last saved.
-    done, boundary_rng, stepping, skipped = start_iter, rng_state(), False, []
+    # The state after the last finished iteration (what Ctrl-C saves) and when it was last saved. The
+    # buffers are kept too: the forward of an interrupted iteration has already moved BatchNorm statistics.
+    done, boundary_rng, boundary_buffers, stepping, skipped = start_iter, rng_state(), _buffers(model), False, []
     saved_at, saved_time = (start_iter if start_iter else None), time.monotonic()
     model.train()
     try:
@@ -126,14 +127,14 @@ def _train(cfg: Config, run: Path, *, resume: bool, progress: bool, evaluate_fn:
                     raise FloatingPointError(f"non-finite gradient norm {grad_norm.item()}")
             except FloatingPointError as err:  # from the loss, the gradient or the matcher's cost check
                 raise FloatingPointError(
-                    f"training diverged at iteration {iteration}: {err}. Lower train.lr (or disable train.amp) "
+                    f"training diverged at iteration {iteration}: {str(err).rstrip('.')}. Lower train.lr (or disable train.amp) "
                     f"and continue from the last checkpoint ({_checkpoint_note(run, saved_at)}) with --resume "
                     f"--set train.lr=...") from err
             lr = max(group["lr"] for group in optimizer.param_groups)  # the rate this step uses
             stepping = True  # an interrupt inside the update leaves no consistent state to save
             optimizer.step()
             scheduler.step()
-            stepping, done, boundary_rng = False, iteration + 1, rng_state()
+            stepping, done, boundary_rng, boundary_buffers = False, iteration + 1, rng_state(), _buffers(model)
             bar.update(1)
 
             if done % cfg.train.log_period == 0 or done == cfg.train.max_iters:
@@ -167,6 +168,7 @@ def _train(cfg: Config, run: Path, *, resume: bool, progress: bool, evaluate_fn:
         bar.close()
         if dist.is_main():
             if not stepping and done != saved_at:
+                model.load_state_dict(boundary_buffers, strict=False)
                 _checkpoint(run, cfg, model, optimizer, scheduler, done, boundary_rng)
                 saved_at = done
             print(f"\nm2f train: stopped at iteration {done}; last checkpoint at {_checkpoint_note(run, saved_at)}; "
@@ -181,6 +183,10 @@ def _train(cfg: Config, run: Path, *, resume: bool, progress: bool, evaluate_fn:
         if skipped or loader.dataset.skipped:
             logger.warning(summary)
     return {"iterations": cfg.train.max_iters, "final_loss": last_loss, "eval": last_eval, "run_dir": str(run)}
+
+
+def _buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: buffer.clone() for name, buffer in model.named_buffers()}
 
 
 def _checkpoint_note(run: Path, iteration: int | None) -> str:
