@@ -17,8 +17,8 @@ import numpy as np
 from m2f.data.base import Item, SegmentationDataset, Transform, check_task, make_item
 from m2f.data.categories import Categories
 from m2f.data.coco_panoptic import check_image_size, coco_split_dir
-from m2f.data.errors import DatasetError, DatasetFileNotFoundError
-from m2f.data.image_io import read_image, read_json, require_keys
+from m2f.data.errors import DatasetError
+from m2f.data.image_io import missing_file, read_image, read_json, require_keys
 from m2f.data.mask_codec import decode_segmentation
 
 logger = logging.getLogger("m2f.data")
@@ -94,7 +94,7 @@ class COCOInstanceDataset(SegmentationDataset):
             image_path = self.image_dir / entry["file_name"]
             error = bad_images.get(entry["id"])
             if error is None and not image_path.is_file():
-                error = DatasetFileNotFoundError(image_path, "image file not found")
+                error = missing_file(image_path, "image")
             if error is not None:
                 self.reject(error)
                 continue

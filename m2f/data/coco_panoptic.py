@@ -16,8 +16,8 @@ import numpy as np
 
 from m2f.data.base import Item, SegmentationDataset, Transform, check_task, make_item, masks_from_ids
 from m2f.data.categories import Categories
-from m2f.data.errors import DatasetError, DatasetFileNotFoundError
-from m2f.data.image_io import read_image, read_json, read_panoptic_png, require_keys
+from m2f.data.errors import DatasetError
+from m2f.data.image_io import missing_file, read_image, read_json, read_panoptic_png, require_keys
 
 
 def coco_split_dir(split: str) -> str:
@@ -115,7 +115,7 @@ class COCOPanopticDataset(SegmentationDataset):
         png_path = self.panoptic_dir / ann["file_name"]
         for path, what in ((image_path, "image"), (png_path, "panoptic PNG")):
             if not path.is_file():
-                raise DatasetFileNotFoundError(path, f"{what} file not found")
+                raise missing_file(path, what)
         segments = []
         for j, seg in enumerate(ann["segments_info"]):
             require_keys(seg, ("id", "category_id"), file=self.json_file, where=f"annotations[{k}].segments_info[{j}]")
@@ -150,5 +150,10 @@ class COCOPanopticDataset(SegmentationDataset):
             labels = [self.categories.index(cat_id) for _, cat_id in record.segments]
             masks = masks_from_ids(ids, [seg_id for seg_id, _ in record.segments])
         keep = masks.any(axis=(1, 2))  # a listed segment may have no pixels
+        if record.segments and not keep.any() and ids.any():
+            # Not an empty image: the PNG and segments_info disagree (a PNG of another image, or re-numbered ids).
+            raise DatasetError(record.png_path, f"segments_info ids mismatch: none of the ids in segments_info "
+                                                f"({sorted(seg_id for seg_id, _ in record.segments)[:5]}...) occurs "
+                                                f"in the PNG (its ids: {np.unique(ids[ids > 0])[:5].tolist()}...)")
         return make_item(image=image, image_id=record.image_id, file_name=record.file_name,
                          labels=np.asarray(labels, dtype=np.int64)[keep], masks=masks[keep])

@@ -7,6 +7,7 @@ are returned with their raw values (no colour conversion).
 """
 
 import contextlib
+import errno
 import io
 import json
 from pathlib import Path
@@ -22,9 +23,24 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)
 
 
+def missing_file(path: Path, what: str) -> DatasetFileNotFoundError:
+    """The error for a file that cannot be opened: absent, a broken symbolic link or a link loop."""
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except RuntimeError:  # Python 3.11 reports a loop as RuntimeError, 3.13 as OSError(ELOOP)
+            return DatasetFileNotFoundError(path, f"{what} file not found: a symbolic link loop")
+        except OSError as err:
+            reason = "a symbolic link loop" if err.errno == errno.ELOOP else "a broken symbolic link"
+            return DatasetFileNotFoundError(path, f"{what} file not found: {reason}")
+    return DatasetFileNotFoundError(path, f"{what} file not found")
+
+
 def _open(path: Path, what: str) -> Image.Image:
     if not path.is_file():
-        raise DatasetFileNotFoundError(path, f"{what} file not found")
+        raise missing_file(path, what)
+    if path.stat().st_size == 0:
+        raise DatasetError(path, f"cannot decode {what}: the file is empty (0 bytes)")
     try:
         image = Image.open(path)
         image.load()  # decode now: truncated or corrupt data only fails here

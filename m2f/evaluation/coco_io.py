@@ -38,6 +38,10 @@ def load_coco(ground_truth: str | Path | Mapping[str, Any] | COCO) -> COCO:
     missing = [k for k in ("images", "annotations", "categories") if k not in dataset]
     if missing:
         raise ValueError(f"{source}: COCO ground truth lacks the keys {missing}")
+    unusable = [i for i, a in enumerate(dataset["annotations"]) if not {"segmentation", "image_id", "category_id"} <= set(a)]
+    if unusable:
+        raise ValueError(f"{source}: annotations[{unusable[0]}] (and {len(unusable) - 1} more) lack 'segmentation', "
+                         f"'image_id' or 'category_id'; mask evaluation needs polygon or RLE segmentations")
     coco = COCO()
     coco.dataset = dataset
     # pycocotools prints progress; evaluation output should stay clean.
