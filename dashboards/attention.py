@@ -23,6 +23,7 @@ from dashboards.common import (
     ImagePicker,
     alert,
     categories,
+    choose_among,
     extensions,
     frame,
     guarded,
@@ -57,8 +58,8 @@ class AttentionExplorer(param.Parameterized):
         super().__init__(picker=ImagePicker(), **params)
         self.names = short_names(list(runs))
         # {shown name: run}: the selectors show short names, the parameters hold the paths.
-        self.param.run.objects = {self.names[r]: r for r in runs}
-        self.param.compare_run.objects = {NO_RUN: NO_RUN, **{self.names[r]: r for r in runs}}
+        choose_among(self.param.run, {self.names[r]: r for r in runs})
+        choose_among(self.param.compare_run, {NO_RUN: NO_RUN, **{self.names[r]: r for r in runs}})
         if runs and self.run is None:
             self.run = runs[0]
         if len(runs) > 1 and self.compare_run == NO_RUN:

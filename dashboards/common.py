@@ -50,6 +50,14 @@ def runs_from_args(argv: list[str] | None = None) -> list[str]:
     return [str(Path(a).expanduser()) for a in args]
 
 
+def choose_among(parameter: param.Selector, objects: dict[str, str]) -> None:
+    """Makes `parameter` a choice among `objects` only (label -> run path). A Selector declared with no
+    objects accepts any value, so a hand-made websocket message could point a dashboard at any file on
+    the server; checking on set keeps every run a dashboard opens one given on the command line."""
+    parameter.objects = objects
+    parameter.check_on_set = True
+
+
 def categories(run: str) -> Any:
     """The run's dataset categories (`m2f.data.Categories`: `.names` by class index, ids, ...); None
     while the dataset (or the checkpoint) is not on this machine: class ids are then shown alone."""

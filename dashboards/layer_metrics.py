@@ -21,6 +21,7 @@ from dashboards.common import (
     CURVE,
     alert,
     categories,
+    choose_among,
     extensions,
     guarded,
     layer_axis,
@@ -52,7 +53,7 @@ class LayerMetrics(param.Parameterized):
     def __init__(self, *, runs: list[str], **params: Any):
         super().__init__(**params)
         self.names = short_names(list(runs))
-        self.param.runs.objects = {self.names[r]: r for r in runs}  # shown by name, held as paths
+        choose_among(self.param.runs, {self.names[r]: r for r in runs})  # shown by name, held as paths
         if not self.runs:
             self.runs = list(runs)
 

@@ -22,6 +22,7 @@ from dashboards.common import (
     CURVE,
     ImagePicker,
     alert,
+    choose_among,
     extensions,
     frame,
     guarded,
@@ -56,7 +57,7 @@ class ProposalsExplorer(param.Parameterized):
     def __init__(self, *, runs: list[str], **params: Any):
         super().__init__(picker=ImagePicker(), **params)
         self.names = short_names(list(runs))
-        self.param.run.objects = {self.names[r]: r for r in runs}  # shown by name, held as paths
+        choose_among(self.param.run, {self.names[r]: r for r in runs})  # shown by name, held as paths
         if runs and self.run is None:
             self.run = runs[0]
         self._eval_error: Exception | None = None

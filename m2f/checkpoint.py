@@ -39,7 +39,7 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as a RuntimeError
         tmp.unlink(missing_ok=True)
         kept = f"the previous {path.name} is unchanged" if path.is_file() else f"no {path.name} was written"
-        reason = "no space left on device" if _disk_full(err, path.parent) else str(err).splitlines()[0]
+        reason = "no space left on device" if _disk_full(err, path.parent) else _first_line(err)
         raise OSError(f"cannot write {path}: {reason}; {kept}") from err
 
 
@@ -92,21 +92,27 @@ def load(path: str | Path) -> dict[str, Any]:
     try:
         with torch.serialization.safe_globals(NUMPY_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"checkpoint {path} refers to {_unsafe_globals(path, err)}, which a weight file never "
-                         f"needs; it was not loaded (unpickling it could run code). If you made the file yourself, "
-                         f"load it with torch.load(..., weights_only=False) and save only its tensors, numbers "
-                         f"and strings") from err
     except Exception as err:
-        raise ValueError(f"checkpoint {path} cannot be read ({str(err).splitlines()[0]}); it may be truncated "
-                         f"or not an m2f checkpoint") from err
+        unsafe = _unsafe_globals(path) if isinstance(err, pickle.UnpicklingError) else []
+        if unsafe:
+            raise ValueError(f"checkpoint {path} refers to {', '.join(unsafe)}, which a weight file never needs; it "
+                             f"was not loaded (unpickling it could run code). If you made the file yourself, load it "
+                             f"with torch.load(..., weights_only=False) and save only its tensors, numbers and "
+                             f"strings") from err
+        raise ValueError(f"checkpoint {path} cannot be read ({_first_line(err)}); it "
+                         f"may be truncated or not an m2f checkpoint") from err
 
 
-def _unsafe_globals(path: Path, err: Exception) -> str:
-    """The globals of the file that weights_only refused, read from its opcodes (nothing is executed)."""
+def _first_line(err: BaseException) -> str:
+    lines = str(err).splitlines()
+    return lines[0] if lines and lines[0].strip() else type(err).__name__
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The globals of the file beyond the allowed ones, read from its opcodes (nothing is executed); []
+    for a file that is not a readable torch checkpoint at all."""
     allowed = {f"{g.__module__}.{g.__qualname__}" for g in NUMPY_GLOBALS}
     try:
-        names = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]
+        return [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]
     except Exception:
-        names = []
-    return ", ".join(names) if names else f"objects torch refuses to load safely ({str(err).splitlines()[0]})"
+        return []

@@ -154,6 +154,7 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
         raise FileNotFoundError("the m2f dashboards (package `dashboards`) are not installed: reinstall m2f "
                                 "(`make venv` or `pip install .` from the repository)")
     app = Path(spec.origin)
+    _check_exposure(args.address, allow_remote=args.allow_remote)
     command = [sys.executable, "-m", "panel", "serve", str(app), "--address", args.address, "--port", str(args.port),
                f"--allow-websocket-origin={args.address}:{args.port}", *(["--show"] if args.show else []),
                *(["--args", *args.runs] if args.runs else [])]
@@ -188,6 +189,30 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
                 child.wait()
     # A server stopped by a signal is a normal end of `m2f dashboard`, not a failure.
     raise SystemExit(0 if code in (-signal.SIGINT, -signal.SIGTERM) else code)
+
+
+def _check_exposure(address: str, *, allow_remote: bool) -> None:
+    """The dashboards show a run's images and run its model for anyone who can open the page: only this
+    machine may, unless asked. Serving further needs --allow-remote, and one address (the websocket
+    origin the server accepts, so that other sites' pages cannot drive it from a visitor's browser)."""
+    import ipaddress
+
+    try:
+        loopback = address == "localhost" or ipaddress.ip_address(address).is_loopback
+        wildcard = not loopback and ipaddress.ip_address(address).is_unspecified
+    except ValueError:  # a host name
+        loopback, wildcard = False, False
+    if loopback:
+        return
+    if not allow_remote:
+        raise ValueError(f"--address {address} would serve the dashboards (your runs' images and models) to other "
+                         f"machines; add --allow-remote if that is what you want, or keep the default 127.0.0.1 "
+                         f"(and use `ssh -L 5006:127.0.0.1:5006 HOST` to look from elsewhere)")
+    if wildcard:
+        raise ValueError(f"--address {address} listens on every interface, so no single websocket origin can be "
+                         f"allowed; give this machine's host name or IP address instead")
+    print(f"m2f dashboard: warning: serving on {address}, reachable from other machines; websocket connections are "
+          f"accepted only from pages served at {address}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -303,7 +328,10 @@ def main(argv: list[str] | None = None) -> None:
 
     p = sub.add_parser("dashboard", help="serve the Panel dashboards (attention, proposals, per-layer metrics)")
     p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run directories or checkpoint files")
-    p.add_argument("--address", default="127.0.0.1")
+    p.add_argument("--address", default="127.0.0.1",
+                   help="address to serve on (default 127.0.0.1: this machine only; others need --allow-remote)")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow an --address other machines can reach (a warning is printed)")
     p.add_argument("--port", type=int, default=5006)
     p.add_argument("--show", action="store_true", help="open the page in a browser")
     p.set_defaults(fn=cmd_dashboard)

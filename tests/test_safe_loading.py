@@ -145,3 +145,22 @@ def test_checkpoints_load_with_weights_only_and_old_ones_still_load(tmp_path):
     draws = np.random.rand(3)
     np.random.set_state(old["rng"]["numpy"])
     np.testing.assert_array_equal(draws, np.random.rand(3))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random bytes", "empty"])
+@pytest.mark.parametrize("name", list(LOADERS))
+def test_damaged_files_are_a_clear_error_naming_the_file(name, damage, hostile, capsys):
+    file, call = LOADERS[name]
+    named = hostile[file] / RunDir.CHECKPOINT if file == "run" else hostile[file]
+    good = torch.save if file != "pkl" else (lambda obj, path: path.write_bytes(pickle.dumps(obj, protocol=2)))
+    good({"model": {"w": np.zeros(3, np.float32) if file == "pkl" else torch.zeros(3)}}, named)
+    content = named.read_bytes()
+    named.write_bytes({"truncated": content[: len(content) // 2], "random bytes": os.urandom(len(content)),
+                       "empty": b""}[damage])
+    try:
+        call(hostile)
+    except ValueError as err:
+        message = str(err)
+    else:
+        message = capsys.readouterr().err
+    assert str(named) in message and ("cannot be read" in message or "cannot read" in message), message
