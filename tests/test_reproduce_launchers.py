@@ -49,3 +49,28 @@ def test_status_of_each_job_state(tmp_path):
     (tmp_path / "done" / "metrics.json").write_text("{}")
     (tmp_path / "done" / "params.json").write_text('{"seed": 0}')
     assert job_status(job("done"))[0] == "done"
+
+
+def test_a_row_run_by_another_grid_is_left_to_it(tmp_path):
+    """Two grids over one output folder: the second finds the row locked, names the first's PID, and
+    neither runs the notebook nor touches the row's job.json (which is the first grid's)."""
+    import sys
+
+    from m2f.reproduce.jobs import STATE, execute
+
+    job = Job(label="row, seed 0", notebook="02_ablation.ipynb", folder=tmp_path / "row", params={})
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import time
+from m2f.run_lock import RunLock
+with RunLock({str(job.folder)!r}, what="m2f reproduce (row, seed 0)"):
+    print("locked", flush=True)
+    time.sleep(600)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        error = execute(job)
+        assert f"in use by m2f reproduce (row, seed 0) (PID {holder.pid} " in error
+        assert not (job.folder / STATE).exists() and not job.executed.exists()
+    finally:
+        holder.kill()
+        holder.wait()

@@ -19,6 +19,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from m2f.run_lock import RunInUseError, RunLock
+
 # The package data m2f/_notebooks (the repository's top-level notebooks/, see pyproject.toml): found the
 # same way in a checkout and in an installed wheel.
 NOTEBOOKS = Path(resources.files("m2f") / "_notebooks").resolve()
@@ -95,9 +97,8 @@ def is_done(job: Job) -> bool:
 
 
 def execute(job: Job, *, progress: bool = False, launcher: str = "local", job_id: str = "", log: str = "") -> str:
-    """Runs `job` unless it is done; returns "" on success, else the error (also in job.json)."""
-    import papermill as pm
-
+    """Runs `job` unless it is done; returns "" on success, else the error (also in job.json, unless
+    another process is running the job: then the error names that process and job.json is its)."""
     if is_done(job):
         print(f"  {job.label}: done already ({job.folder})", flush=True)
         return ""
@@ -106,7 +107,19 @@ def execute(job: Job, *, progress: bool = False, launcher: str = "local", job_id
                      host=socket.gethostname())
     if not source.is_file():
         return _fail(job, state, f"notebook {source} does not exist")
-    job.folder.mkdir(parents=True, exist_ok=True)
+    # Two grids over one output folder must not run the same row at once; the one that comes second
+    # leaves the row (and its job.json) to the first and reports it as not done here.
+    try:
+        with RunLock(job.folder, what=f"m2f reproduce ({job.label})"):
+            return _run(job, source, state, progress=progress, launcher=launcher)
+    except RunInUseError as err:
+        print(f"  {job.label}: skipped: {err}", flush=True)
+        return str(err)
+
+
+def _run(job: Job, source: Path, state: "JobState", *, progress: bool, launcher: str) -> str:
+    import papermill as pm
+
     stamp = job.folder / "params.json"
     stamp.unlink(missing_ok=True)
     write_state(job, state)
