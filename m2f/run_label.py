@@ -20,11 +20,14 @@ from m2f.config import Config, from_dict, get_config, list_presets
 
 BASELINE = "Mask2Former"
 # The paper's ablation axes first (they name the run), then anything else in the config's order.
-FIRST = ("attention", "feature_scales", "query_features", "layer_order", "num_queries")
+FIRST = ("attention", "pixel_decoder", "feature_scales", "query_features", "layer_order", "num_queries")
 # The paper's words for the ablation fields' values (Tables 4 and XI); other values are named field=value.
 WORDS: dict[tuple[str, Any], str] = {
     ("attention", "cross"): "cross-attention", ("attention", "masked"): "masked attention",
-    ("attention", "mask_pooling"): "mask pooling",
+    ("attention", "mask_pooling"): "mask pooling", ("attention", "smca"): "SMCA",
+    ("pixel_decoder", "fpn"): "FPN", ("pixel_decoder", "semantic_fpn"): "Semantic FPN",
+    ("pixel_decoder", "fapn"): "FaPN", ("pixel_decoder", "bifpn"): "BiFPN",
+    ("pixel_decoder", "msdeformattn"): "MSDeformAttn",
     ("feature_scales", "round_robin"): "round-robin scales", ("feature_scales", "naive_multiscale"): "naive multi-scale",
     ("query_features", "zero"): "zero query features", ("query_features", "learnable"): "learnable query features",
     ("query_features", "learnable_supervised"): "supervised query features",

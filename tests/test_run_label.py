@@ -12,6 +12,10 @@ def test_a_model_is_named_by_how_it_differs_from_its_preset():
     assert describe_model(get_config("tiny", ["model.feature_scales=single_1/32"])) == "Mask2Former, single scale 1/32"
     assert describe_model(get_config("tiny", ["model.attention=mask_pooling", "model.dropout=0.1"])) == \
         "mask pooling, dropout=0.1"
+    # The Table 4c / 4e comparison rows by their papers' names.
+    assert describe_model(get_config("tiny", ["model.attention=smca"])) == "SMCA"
+    assert describe_model(get_config("tiny", ["model.pixel_decoder=fapn", "model.num_queries=50"])) == \
+        "Mask2Former, FaPN, 50 queries"
 
 
 def _run(root, name, overrides):
