@@ -25,6 +25,17 @@ def _eager(model, images):
         return ExportedMask2Former(model).eval()(images)
 
 
+def _assert_onnxruntime_matches_eager(ort, path, model, size):
+    """onnxruntime (CPU) runs the file, and its outputs equal the eager model's with the compiled kernel
+    within 1e-4 (the ONNX graph holds the reference op)."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    images = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(1)) * 255
+    logits, masks = session.run(["pred_logits", "pred_masks"], {"images": images.numpy()})
+    eager = _eager(model, images)
+    torch.testing.assert_close(torch.from_numpy(logits), eager[0], rtol=0, atol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(masks), eager[1], rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("size", SIZES)
 def test_exported_program_keeps_the_custom_op_and_matches_eager(model, size, tmp_path):
     path = export(model, format="exported_program", size=size, out=tmp_path / "model.pt2")
@@ -45,13 +56,7 @@ def test_onnx_runs_in_onnxruntime_and_matches_eager(model, size, tmp_path):
     graph = onnx.load(str(path)).graph
     ops = {node.op_type for node in graph.node}
     assert "GridSample" in ops and all(node.domain in ("", "ai.onnx") for node in graph.node)  # standard ops only
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    images = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(1)) * 255
-    logits, masks = session.run(["pred_logits", "pred_masks"], {"images": images.numpy()})
-    # Against the eager model with the compiled kernel: the reference op in ONNX agrees with it.
-    eager = _eager(model, images)
-    torch.testing.assert_close(torch.from_numpy(logits), eager[0], rtol=0, atol=1e-4)
-    torch.testing.assert_close(torch.from_numpy(masks), eager[1], rtol=0, atol=1e-4)
+    _assert_onnxruntime_matches_eager(ort, path, model, size)
 
 
 def test_reference_copy_leaves_the_model_alone_and_sizes_parse(model):
@@ -86,9 +91,4 @@ def test_onnx_through_the_dynamo_exporter_matches_eager(model, tmp_path):
     pytest.importorskip("onnxscript")
     size = SIZES[0]
     path = export(model, format="onnx", size=size, out=tmp_path / "model.onnx", dynamo=True)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    images = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(1)) * 255
-    logits, masks = session.run(["pred_logits", "pred_masks"], {"images": images.numpy()})
-    eager = _eager(model, images)
-    torch.testing.assert_close(torch.from_numpy(logits), eager[0], rtol=0, atol=1e-4)
-    torch.testing.assert_close(torch.from_numpy(masks), eager[1], rtol=0, atol=1e-4)
+    _assert_onnxruntime_matches_eager(ort, path, model, size)
