@@ -88,11 +88,23 @@ def _flags(device: str) -> dict[str, list[str]]:
     return {"extra_cflags": ["-O3", *openmp], "extra_ldflags": openmp}
 
 
+def _cpp_extension() -> ModuleType:
+    """torch.utils.cpp_extension, imported without the warning it logs on import where no CUDA runtime is
+    found ("No CUDA runtime is found, using CUDA_HOME=..."): on a CPU machine that is expected, printed in
+    red in every notebook, and `m2f doctor` says what CUDA this machine has."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
 def cuda_home() -> str | None:
     """The CUDA toolkit root torch will compile with (from CUDA_HOME, else guessed from nvcc on PATH)."""
-    from torch.utils import cpp_extension
-
-    return cpp_extension.CUDA_HOME
+    return _cpp_extension().CUDA_HOME
 
 
 def _arch_key() -> str:
@@ -167,8 +179,7 @@ def _hint(device: str, message: str) -> str:
 def _build(device: str) -> ModuleType:
     if problem := toolchain_problem(device):
         raise KernelBuildError(f"cannot build the MSDeformAttn {device} kernel: {problem}; {TORCH_HINT}")
-    from torch.utils import cpp_extension
-
+    cpp_extension = _cpp_extension()
     name = extension_name(device)
     build_dir = cache_dir() / name
     build_dir.mkdir(parents=True, exist_ok=True)
