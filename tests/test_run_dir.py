@@ -60,7 +60,8 @@ def test_a_few_image_evaluation_is_not_shown_as_the_runs_metrics_and_nothing_sta
     assert full["num_images"] == 3
     proposals = ProposalsExplorer(runs=[str(run)])
     proposals.eval_images = 1
-    proposals.param.trigger("evaluated")  # the button
+    proposals.param.trigger("evaluated")  # the button: the evaluation runs in a background thread
+    proposals._eval_thread.join(600)
 
     found, _ = LayerMetrics(runs=[str(run)]).layers()
     shown = [layer["semantic"]["mIoU"] for layer in found[str(run)]]
@@ -82,10 +83,11 @@ def test_a_partial_evaluation_alone_is_shown_labelled_as_partial(run):
     proposals = ProposalsExplorer(runs=[str(run)])
     proposals.eval_images = 1
     proposals.param.trigger("evaluated")
+    proposals._eval_thread.join(600)
     evaluation = RunDir.at(run).layer_evaluation(proposals=True)
     assert evaluation.is_partial and evaluation.num_images == 1
     hv.extension("bokeh")
-    assert "partial: 1 validation images" in proposals.recall().get(0).opts.get("plot").kwargs["title"]
+    assert "partial: 1 validation images" in proposals.recall().opts.get("plot").kwargs["title"]
     found, notes = LayerMetrics(runs=[str(run)]).layers()
     assert len(found[str(run)]) == 10
     assert any("only 1 validation images" in n and "not the run's metrics" in n for n in notes)
