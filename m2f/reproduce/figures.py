@@ -70,10 +70,10 @@ def training_curves(runs: dict[str, str | Path]) -> Any:
         ax_pq.plot([r["iteration"] for r in val], [100 * r.get("panoptic/PQ", np.nan) for r in val], marker="o",
                    label=label)
     ax_loss.set(xlabel="iteration", ylabel="training loss (all 10 prediction sets)", yscale="log")
-    ax_pq.set(xlabel="iteration", ylabel="PQ (validation)")
+    ax_pq.set(xlabel="iteration", ylabel="PQ (%, validation)")
     for ax in (ax_loss, ax_pq):
         ax.grid(alpha=0.3)
-    ax_pq.legend(fontsize=8)
+    _legend_beside(ax_pq)
     fig.tight_layout()
     return fig
 
@@ -85,9 +85,15 @@ def layer_plot(curves: dict[str, list[float]], *, ylabel: str, title: str) -> An
         ax.plot(range(len(values)), values, marker="o", label=label)
     ax.set(xlabel="prediction set (0 = learnable queries, then decoder layers)", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend_beside(ax)
     fig.tight_layout()
     return fig
+
+
+def _legend_beside(ax: Any) -> None:
+    """The legend right of the axes, never over a curve (`save` writes with bbox_inches="tight", so
+    nothing is cut); the same placement as the dashboards' legends."""
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
 
 
 def _layer_summaries(runs: dict[str, str | Path]) -> dict[str, dict[str, Any]]:
@@ -104,7 +110,7 @@ def figure_layers(runs: dict[str, str | Path]) -> FigureResult:
     curves = {label: s["layers"]["PQ"] for label, s in summaries.items()}
     result = FigureResult(rows={label: {"PQ": s["PQ"], "PQ_layer1": s["layers"]["PQ"][1]} for label, s in summaries.items()},
                           extra={"PQ_per_layer": curves},
-                          figures={"figure2.png": layer_plot(curves, ylabel="PQ", title="PQ of each decoder layer")})
+                          figures={"figure2.png": layer_plot(curves, ylabel="PQ (%)", title="PQ of every prediction set")})
     masked = [label for label, run in runs.items() if _attention_of(run) == "masked"]
     cross = [label for label, run in runs.items() if _attention_of(run) == "cross"]
     if masked and cross:
@@ -121,11 +127,11 @@ def figure_proposals(runs: dict[str, str | Path], *, image_index: int = 0, num_q
     curves = {label: s["layers"]["AR@100"] for label, s in summaries.items()}
     result = FigureResult(rows={label: {"AR@100": s["AR@100"], "AR@100_layer0": s["layers"]["AR@100"][0]}
                                 for label, s in summaries.items()}, extra={"AR@100_per_layer": curves})
-    result.figures["figure3_ar.png"] = layer_plot(curves, ylabel="AR@100 (class-agnostic)",
+    result.figures["figure3_ar.png"] = layer_plot(curves, ylabel="AR@100 (%, class-agnostic)",
                                                    title="Learnable queries as region proposals")
     for label, values in curves.items():
         result.claims.append({"claim": f"{label}: AR@100 improves from the learnable queries to the last layer",
-                              "ours": f"AR@100 {values[0]:.1f} (layer 0) -> {values[-1]:.1f} (layer {len(values) - 1})",
+                              "ours": f"AR@100 {values[0]:.1f} (prediction set 0) -> {values[-1]:.1f} (set {len(values) - 1})",
                               "agrees": values[-1] > values[0]})
     label, run = next(iter(runs.items()))
     ref = dataset_image(run, image_index)
@@ -139,7 +145,7 @@ def figure_proposals(runs: dict[str, str | Path], *, image_index: int = 0, num_q
     axes[0].set_title(ref.name, fontsize=7)
     for ax, q, color in zip(axes[1:], chosen, palette(num_queries)):
         ax.imshow(overlay(small, cap.mask(0, int(q)) > 0.5, color))
-        ax.set_title(f"query {q} (layer 0)", fontsize=8)
+        ax.set_title(f"query {q} (prediction set 0)", fontsize=8)
     for ax in axes:
         ax.axis("off")
     fig.suptitle(f"{label}: masks of learnable queries before the decoder", fontsize=9)
