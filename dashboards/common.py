@@ -59,10 +59,18 @@ def choose_among(parameter: param.Selector, objects: dict[str, str]) -> None:
 
 
 def categories(run: str) -> Any:
-    """The run's dataset categories (`m2f.data.Categories`: `.names` by class index, ids, ...); None
-    while the dataset (or the checkpoint) is not on this machine: class ids are then shown alone."""
+    """The run's categories (`m2f.data.Categories`: `.names` by class index, ids, ...): its dataset's when
+    the dataset is on this machine, else the shipped table that fits its config (a converted released
+    checkpoint names COCO's 133 or ADE20K's 150 classes; `m2f.data.metadata.categories_for`); None while
+    the checkpoint does not load: class ids are then shown alone."""
+    from m2f.data.metadata import categories_for
+
     try:
         return RunDir.existing(run).val_dataset().categories
+    except (OSError, ValueError):
+        pass
+    try:
+        return categories_for(RunDir.existing(run).load()[1])
     except (OSError, ValueError):
         return None
 

@@ -74,3 +74,17 @@ def test_unknown_class_count_gets_placeholder_names():
     cfg = get_config("tiny", ["model.num_classes=3", "data.root="])
     assert categories_for(cfg).names == ["class_0", "class_1", "class_2"]
     assert set(DATASETS) >= {"coco_panoptic", "ade20k"}
+
+
+def test_dashboards_name_the_classes_of_a_converted_checkpoint_without_its_dataset(tmp_path):
+    """A released COCO model converted with `m2f convert` is an m2f checkpoint whose data.root is not on
+    this machine: the dashboards fall back to the shipped COCO panoptic names."""
+    from dashboards.common import categories
+    from m2f.checkpoint import save_atomic
+    from m2f.config import get_config
+    from m2f.model import build_model
+
+    cfg = get_config("r50_coco_panoptic", ["model.num_queries=4", "data.root=/nowhere/coco"])
+    save_atomic({"model": build_model(cfg).state_dict(), "config": cfg.to_dict()}, tmp_path / "r50.pth")
+    names = categories(str(tmp_path / "r50.pth")).names
+    assert len(names) == 133 and names[0] == "person"
