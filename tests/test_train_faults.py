@@ -235,3 +235,56 @@ def test_images_skipped_inside_workers_are_counted(data, tmp_path):
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())
     assert [file for file, _ in info["skipped"]] == [str(images[0])]
     assert info["skip_summary"].startswith("skipped 1 of 8 images: cannot decode image")
+
+
+def test_checkpoints_by_time_and_the_stored_dataset_path_is_absolute(data, tmp_path, monkeypatch):
+    """A short run with a long checkpoint_period still checkpoints every train.checkpoint_minutes (here a
+    clock that advances 10 minutes per reading), and the run records where its data is from anywhere."""
+    written = []
+    checkpoint = train_module._checkpoint
+
+    def recording(run, cfg, model, optimizer, scheduler, iteration, rng):
+        written.append(iteration)
+        checkpoint(run, cfg, model, optimizer, scheduler, iteration, rng)
+
+    monkeypatch.setattr(train_module, "_checkpoint", recording)
+    clock = iter(range(0, 10**6, 600))
+    monkeypatch.setattr(train_module.time, "monotonic", lambda: float(next(clock)))
+    monkeypatch.chdir(data.parent)
+    train(config(data.name, "train.max_iters=3", "train.checkpoint_period=1000", "train.checkpoint_minutes=5"),
+          out_dir=tmp_path / "timed", progress=False)
+    assert written == [1, 2, 3]
+    assert json.loads((tmp_path / "timed" / "config.json").read_text())["data"]["root"] == str(data.resolve())
+    written.clear()
+    train(config(data.name, "train.max_iters=3", "train.checkpoint_period=1000", "train.checkpoint_minutes=0"),
+          out_dir=tmp_path / "untimed", progress=False)
+    assert written == [3]
+
+
+def test_a_row_evaluates_its_final_checkpoint_once(data, tmp_path, monkeypatch):
+    """run_experiment evaluates the final checkpoint for every prediction set; training does not evaluate it
+    first (and a smoke run with max_iters has no periodic evaluation). The validation curve still ends there."""
+    from m2f import inference
+    from m2f.experiment import run_experiment
+    from m2f.reproduce.scales import experiment_config
+
+    calls = []
+    evaluate = inference.evaluate
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("layers", "final"))
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "evaluate", counting)
+    cfg = experiment_config("tiny", data_dir=str(data), overrides=FAST[:-1], max_iters=2)
+    assert cfg.train.eval_period == 0
+    run_experiment(cfg, run_dir=tmp_path / "smoke", progress=False)
+    assert calls == ["all"]
+    calls.clear()
+    periodic = experiment_config("tiny", data_dir=str(data), overrides=[*FAST[:-1], "train.eval_period=1"],
+                                 max_iters=2)
+    run_experiment(periodic, run_dir=tmp_path / "periodic", progress=False)
+    assert calls == ["final", "all"]  # iteration 1 periodically; iteration 2 (the end) once, for every set
+    val = [json.loads(line) for line in (tmp_path / "periodic" / "metrics.jsonl").read_text().splitlines()
+           if json.loads(line)["split"] == "val"]
+    assert [r["iteration"] for r in val] == [1, 2]
