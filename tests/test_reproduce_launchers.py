@@ -74,3 +74,31 @@ with RunLock({str(job.folder)!r}, what="m2f reproduce (row, seed 0)"):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_the_demo_keeps_seeds_trained_earlier_in_its_reports(tmp_path):
+    """`make demo` trains one seed per row; seeds that `m2f reproduce --seeds N` trained before stay in
+    the demo's reports (and a fresh clone, which has no checkpoints, counts one)."""
+    import json
+
+    from m2f.demo import seeds_done
+    from m2f.reproduce.runner import plan
+
+    def finish(job, *, checkpoint: bool = True):
+        (job.folder / "run").mkdir(parents=True, exist_ok=True)
+        if checkpoint:
+            (job.folder / "run" / "checkpoint.pth").write_bytes(b"")
+        (job.folder / "params.json").write_text(json.dumps(job.params))
+        (job.folder / "metrics.json").write_text("{}")
+
+    grid = plan("table4a", scale="tiny", out=tmp_path, seeds=3)
+    assert seeds_done("table4a", tmp_path) == 1
+    for _, jobs in grid.rows:
+        finish(jobs[0])
+        finish(jobs[1])
+    assert seeds_done("table4a", tmp_path) == 2 and seeds_done("figure2", tmp_path) == 2
+    for _, jobs in grid.rows[:-1]:
+        finish(jobs[2])  # one row's seed 2 is missing: seed 2 is not complete
+    assert seeds_done("table4a", tmp_path) == 2
+    finish(grid.rows[-1][1][2], checkpoint=False)  # as in a fresh clone: committed metrics, no checkpoint
+    assert seeds_done("table4a", tmp_path) == 2
