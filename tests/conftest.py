@@ -16,3 +16,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """The training-loop tests' dataset: 8 training and 4 validation images of the synthetic benchmark at 64 px."""
+    from m2f.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("synthetic_64")
+    generate(root, num_train=8, num_val=4, image_size=64, seed=0)
+    return root

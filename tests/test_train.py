@@ -19,13 +19,6 @@ FAST = ["data.image_size=64", "data.test_size=64", "data.num_workers=0", "model.
         "train.checkpoint_period=1000"]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    generate(root, num_train=8, num_val=4, image_size=64, seed=0)
-    return root
-
-
 def config(data, *overrides):
     return get_config("tiny", [f"data.root={data}", *FAST, *overrides])
 

@@ -15,7 +15,6 @@ import torch
 
 from m2f.checkpoint import load, save_atomic
 from m2f.config import get_config
-from m2f.data.synthetic import generate
 from m2f.run_lock import RunInUseError, RunLock
 from m2f.train import train
 
@@ -23,13 +22,6 @@ train_module = importlib.import_module("m2f.train")  # the module; `m2f.train` i
 FAST = ["data.image_size=64", "data.test_size=64", "data.num_workers=0", "model.num_queries=8",
         "loss.num_points=256", "train.batch_size=2", "train.eval_period=0", "train.log_period=1",
         "train.lr_steps="]  # a constant lr: a resumed run's schedule is the uninterrupted one's
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    generate(root, num_train=8, num_val=2, image_size=64, seed=0)
-    return root
 
 
 def config(data, *overrides):
