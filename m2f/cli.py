@@ -315,9 +315,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="rows/seeds at the same time (local: pinned worker processes; slurm: array parallelism)")
     g = p.add_argument_group("slurm (--launcher slurm; submitit job array, requeued on preemption/timeout)")
     g.add_argument("--partition", default="")
-    g.add_argument("--gpus-per-job", type=int, default=0, help=">1: the row trains under torchrun on them")
-    g.add_argument("--cpus-per-job", type=int, default=1)
-    g.add_argument("--nodes", type=int, default=1)
+    g.add_argument("--gpus-per-job", type=int, default=0,
+                   help="GPUs per node of each job; >1: the row trains under torchrun on them")
+    g.add_argument("--cpus-per-job", type=int, default=1, help="CPUs per node of each job")
+    g.add_argument("--nodes", type=int, default=1,
+                   help=">1: each row trains on that many nodes (one torchrun per node, rendezvous from Slurm)")
     g.add_argument("--time", type=int, default=60, help="time limit per job in minutes")
     g.add_argument("--account", default="")
     g.add_argument("--mem", default="", help="memory per job, e.g. 64G")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from m2f.config import Config
+from m2f.distributed import Rendezvous
 from m2f.run_dir import RunDir, headline, layer_curves, log_scalars
 
 
@@ -30,15 +31,18 @@ def run_experiment(cfg: Config, *, run_dir: str | Path, layers: str = "all", pro
         layers: "all" evaluates every prediction set (Fig. II, Fig. 3), "final" only the last.
         proposals: also class-agnostic AR@100 of the mask proposals (Fig. 3).
         nproc_per_node: >1 trains under `torchrun` with that many processes (GPUs) on this node;
-            evaluation then runs here, in one process.
+            evaluation then runs here, in one process. Under a multi-node launcher (a `Rendezvous` in the
+            environment, `m2f.reproduce.slurm`) torchrun also joins the other nodes, which train with this
+            node (`torchrun_command` there) while only this one, node 0, evaluates and summarises.
         progress: progress bars.
 
     Returns:
         The `summarize` dict of the run (metrics on a 0-100 scale, as in the paper).
     """
     run = Path(run_dir)
-    if nproc_per_node > 1:
-        _torchrun(cfg, run, nproc_per_node)
+    rendezvous = Rendezvous.from_env()
+    if nproc_per_node > 1 or (rendezvous and rendezvous.nnodes > 1):
+        _torchrun(cfg, run, nproc_per_node, rendezvous)
     else:
         from m2f.train import train
 
@@ -97,12 +101,21 @@ def summarize(run_dir: str | Path, metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _torchrun(cfg: Config, run: Path, nproc_per_node: int) -> None:
-    """Trains under torchrun on this node; the config travels as a JSON file next to the run."""
+def torchrun_command(run: Path, *, nproc_per_node: int, rendezvous: Rendezvous | None = None) -> list[str]:
+    """The torchrun command line that trains `run` from its requested config (`RunDir.REQUESTED_CONFIG`, which
+    `run_experiment` writes on node 0): on this node alone, or as `rendezvous.node_rank` of a multi-node
+    training. Every node runs this same command but for its node rank; the other nodes' trainers read the
+    config only after the rendezvous, so after node 0 has written it."""
+    nodes = rendezvous.torchrun_args() if rendezvous else []
+    return [sys.executable, "-m", "torch.distributed.run", *nodes, f"--nproc_per_node={max(nproc_per_node, 1)}",
+            "-m", "m2f.cli", "train", "--config", str(run / RunDir.REQUESTED_CONFIG), "--out", str(run), "--resume"]
+
+
+def _torchrun(cfg: Config, run: Path, nproc_per_node: int, rendezvous: Rendezvous | None) -> None:
+    """Trains under torchrun (on this node, or as node 0 of `rendezvous`); the config travels as a JSON file
+    next to the run."""
     run.mkdir(parents=True, exist_ok=True)
-    config_file = run / RunDir.REQUESTED_CONFIG
-    config_file.write_text(cfg.to_json())
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}",
-               "-m", "m2f.cli", "train", "--config", str(config_file), "--out", str(run), "--resume"]
+    (run / RunDir.REQUESTED_CONFIG).write_text(cfg.to_json())
+    command = torchrun_command(run, nproc_per_node=nproc_per_node, rendezvous=rendezvous)
     print("$", shlex.join(command), flush=True)
     subprocess.run(command, check=True)
