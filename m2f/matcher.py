@@ -25,7 +25,9 @@ Indices = list[tuple[Tensor, Tensor]]
 def pairwise_sigmoid_bce(logits: Tensor, targets: Tensor) -> Tensor:
     """Mean BCE-with-logits of every prediction against every target, without forming Q·G·N terms.
 
-    BCE(x, t) = t·BCE(x, 1) + (1 − t)·BCE(x, 0), so the pairwise mean is two matrix products.
+    BCE(x, t) = softplus(x) − t·x, so the pairwise mean is one row sum and one matrix product (the same
+    value as t·BCE(x, 1) + (1 − t)·BCE(x, 0) with its two products, up to float rounding, in one elementwise
+    pass instead of about ten).
 
     Args:
         logits: (..., Q, N) mask logits at N points (or pixels); leading dimensions are batched.
@@ -34,9 +36,7 @@ def pairwise_sigmoid_bce(logits: Tensor, targets: Tensor) -> Tensor:
     Returns:
         (..., Q, G) costs.
     """
-    pos = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
-    neg = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
-    return (pos @ targets.mT + neg @ (1 - targets).mT) / logits.shape[-1]
+    return (F.softplus(logits).sum(-1, keepdim=True) - logits @ targets.mT) / logits.shape[-1]
 
 
 def pairwise_dice(logits: Tensor, targets: Tensor) -> Tensor:

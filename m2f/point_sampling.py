@@ -26,7 +26,7 @@ def point_sample(input: Tensor, coords: Tensor) -> Tensor:
     """
     if coords.dim() != 3 or coords.shape[-1] != 2:
         raise ValueError(f"point_sample: coords must be (n, P, 2), got shape {tuple(coords.shape)}")
-    grid = (2.0 * coords - 1.0).unsqueeze(2).to(input.dtype)
+    grid = coords.mul(2.0).sub_(1.0).unsqueeze(2).to(input.dtype)  # in place: one pass less over the points
     return F.grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corners=False).squeeze(3)
 
 

@@ -109,3 +109,44 @@ def test_two_gloo_processes_equal_one_process_on_the_concatenated_batch(data, tm
     # into up to ~1% of a step; 1e-5 is 2% of one step at lr 5e-4. Everything else agrees to 1e-6.
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+
+def test_channels_last_training_layout_is_as_accurate_as_the_contiguous_one(data):
+    # m2f.train puts the model in channels_last (oneDNN's native convolution layout) for speed. Against a
+    # float64 run of the same step, its loss terms and gradients must be as close as those of the
+    # straightforward contiguous float32 layout. (Gradients of single tensors are not compared to a tight
+    # tolerance: bilinear sampling has kinks at pixel borders and the loss keeps the top-k uncertain points,
+    # so a rounding-level change moves some gradients discretely; float32 vs float64 differ by ~1% there.)
+    import copy
+
+    from m2f.criterion import build_criterion
+    from m2f.data.loader import build_train_loader
+    from m2f.model import build_model
+    from m2f.train import pad_targets
+
+    cfg = config(data, "train.batch_size=4", "model.num_queries=20", "loss.num_points=1024")
+    torch.manual_seed(0)
+    base = build_model(cfg).train()
+    images, targets, _ = next(iter(build_train_loader(cfg, rank=0, world_size=1)))
+    criterion = build_criterion(cfg)
+
+    def step(model):
+        torch.manual_seed(1)  # the same point draws
+        out = model(images)
+        losses = criterion(out, pad_targets(targets, out["padded_size"], torch.device("cpu")))
+        losses["loss"].backward()
+        grads = torch.cat([p.grad.double().flatten() for p in model.parameters()])
+        return {k: v.double() for k, v in losses.items()}, grads
+
+    reference_losses, reference = step(copy.deepcopy(base).double())
+    contiguous_losses, contiguous = step(copy.deepcopy(base))
+    fast = copy.deepcopy(base).to(memory_format=torch.channels_last)
+    assert any(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in fast.parameters())
+    fast_losses, fast_grads = step(fast)
+    for key, value in reference_losses.items():
+        tolerance = max(2 * abs(contiguous_losses[key] - value), 1e-5 * abs(value), 1e-6)
+        assert abs(fast_losses[key] - value) <= tolerance, key
+    error = ((fast_grads - reference).norm() / reference.norm()).item()
+    baseline = ((contiguous - reference).norm() / reference.norm()).item()
+    assert error <= 1.5 * baseline + 1e-6, (error, baseline)
