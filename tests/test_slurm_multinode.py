@@ -146,6 +146,11 @@ def two_node_cluster(root: Path, *, timeout_s: float = 60.0):
                             timeout_s, "the two Slurm nodes", root)
         yield conf
     finally:
+        # A job whose result is written is still finishing its step (srun, slurmstepd); stopping the daemons
+        # under it would leave those waiting for them forever.
+        deadline = time.monotonic() + 60
+        while slurm_cluster._run(["squeue", "-h"]).strip() and time.monotonic() < deadline:
+            time.sleep(0.5)
         for process in reversed(started):
             process.terminate()
             try:
