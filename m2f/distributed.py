@@ -88,3 +88,22 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
     t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return dict(zip(values, (t / world_size()).tolist()))
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is True on at least one: decisions that must be collective (whether to
+    checkpoint now) taken from per-rank information (each rank's clock)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_objects(obj: object) -> list[object]:
+    """Every rank's `obj`, in rank order, on every rank ([obj] without torch.distributed)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[object] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out

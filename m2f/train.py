@@ -151,8 +151,10 @@ def _train(cfg: Config, run: Path, *, resume: bool, progress: bool, evaluate_fn:
                 bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.1e}", ips=f"{record['images_per_s']:.1f}")
                 _append_metrics(run, {"split": "train", **record})
             minutes = cfg.train.checkpoint_minutes
-            if (done % cfg.train.checkpoint_period == 0 or done == cfg.train.max_iters
-                    or (minutes > 0 and time.monotonic() - saved_time >= 60 * minutes)):
+            # Every rank takes part in a checkpoint (it gathers their RNG states), so the clock's verdict is
+            # made collective; the iteration-based triggers are the same on every rank anyway.
+            time_up = minutes > 0 and dist.any_rank(time.monotonic() - saved_time >= 60 * minutes, device)
+            if done % cfg.train.checkpoint_period == 0 or done == cfg.train.max_iters or time_up:
                 _checkpoint(run, cfg, model, optimizer, scheduler, done, boundary_rng)
                 saved_at, saved_time = done, time.monotonic()
             at_end = done == cfg.train.max_iters
@@ -171,7 +173,8 @@ def _train(cfg: Config, run: Path, *, resume: bool, progress: bool, evaluate_fn:
         if dist.is_main():
             if not stepping and done != saved_at:
                 model.load_state_dict(boundary_buffers, strict=False)
-                _checkpoint(run, cfg, model, optimizer, scheduler, done, boundary_rng)
+                # The other ranks are being interrupted too: no collective, so only this rank's RNG state.
+                _checkpoint(run, cfg, model, optimizer, scheduler, done, boundary_rng, gather=False)
                 saved_at = done
             print(f"\nm2f train: stopped at iteration {done}; last checkpoint at {_checkpoint_note(run, saved_at)}; "
                   f"continue with --resume", file=sys.stderr, flush=True)
@@ -225,13 +228,19 @@ def _append_metrics(run: Path, record: dict[str, Any]) -> None:
 
 
 def _checkpoint(run: Path, cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                scheduler: Any, iteration: int, rng: dict[str, Any]) -> None:
-    """Writes the state after `iteration` finished iterations; `rng` is the RNG state at that moment."""
+                scheduler: Any, iteration: int, rng: dict[str, Any], *, gather: bool = True) -> None:
+    """Writes the state after `iteration` finished iterations; `rng` is this rank's RNG state at that moment.
+
+    With `gather` (every rank calls this), "rng_ranks" holds every rank's RNG state, so that a multi-process
+    run resumes with each rank drawing what it would have drawn (their streams differ: seed + rank)."""
+    ranks = dist.gather_objects(rng) if gather and dist.world_size() > 1 else None
     if not dist.is_main():
         return
-    save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "rng": rng, "iteration": iteration,
-                 "config": cfg.to_dict()}, run / CHECKPOINT)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "rng": rng, "iteration": iteration, "config": cfg.to_dict()}
+    if ranks is not None:
+        state["rng_ranks"] = ranks
+    save_atomic(state, run / CHECKPOINT)
 
 
 def _restore(path: Path, cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -261,7 +270,16 @@ def _restore(path: Path, cfg: Config, model: torch.nn.Module, optimizer: torch.o
     for group, hyper in zip(optimizer.param_groups, configured):
         group.update(hyper, lr=hyper["initial_lr"] * lr_factor(iteration, cfg.train))
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-    set_rng_state(state["rng"])
+    ranks = state.get("rng_ranks")
+    if ranks is not None and len(ranks) == dist.world_size():
+        set_rng_state(ranks[dist.rank()])
+    else:
+        set_rng_state(state["rng"])
+        if dist.world_size() > 1 and dist.is_main():
+            logger.warning("%s holds %s; every process resumes with the RNG state of process 0, so the random "
+                           "points differ from those of an uninterrupted run", path,
+                           f"RNG states of {len(ranks)} processes, not {dist.world_size()}" if ranks
+                           else "one process's RNG state (written on Ctrl-C or by a 1-process run)")
     new_lr = max(group["lr"] for group in optimizer.param_groups)
     if dist.is_main():
         change = f" (the checkpoint ran at {old_lr:.3g})" if not math.isclose(old_lr, new_lr, rel_tol=1e-9) else ""

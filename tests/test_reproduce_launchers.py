@@ -27,8 +27,8 @@ def test_slurm_options_become_sbatch_lines(tmp_path, monkeypatch):
         assert f"#SBATCH {line}" in script, line
     assert "module load cuda" in script
     assert executor._executor.parameters["array_parallelism"] == 8  # --jobs: tasks of the array at once
-    with pytest.raises(ValueError, match="nodes > 1"):
-        Slurm(nodes=2).parameters("x")
+    with pytest.raises(ValueError, match="--nodes must be >= 1"):
+        Slurm(nodes=0).parameters("x")
 
 
 def test_status_of_each_job_state(tmp_path):

@@ -112,6 +112,35 @@ def test_two_gloo_processes_equal_one_process_on_the_concatenated_batch(data, tm
 
 
 
+def _resumed_worker(rank: int, world: int, port: int, cfgs, out_dir) -> None:
+    """Trains `cfgs` one after another into `out_dir` (the first fresh, the others resumed) on `world` ranks."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    for i, cfg in enumerate(cfgs):
+        train(cfg, out_dir=out_dir, resume=i > 0, progress=False)
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_resume_gives_the_same_parameters_as_an_uninterrupted_run(data, tmp_path):
+    # The point losses draw random points from each rank's own stream (seed + rank): the checkpoint keeps
+    # every rank's RNG state, so a resumed 2-process run equals an uninterrupted one bit for bit (before,
+    # every rank resumed with rank 0's state and the runs drifted apart).
+    constant = "train.lr_steps="
+    full, split = config(data, "train.max_iters=4", constant), config(data, "train.max_iters=2", constant)
+    mp.start_processes(_resumed_worker, args=(2, _free_port(), [full], tmp_path / "full"), nprocs=2,
+                       start_method="spawn")
+    mp.start_processes(_resumed_worker, args=(2, _free_port(), [split, full], tmp_path / "split"), nprocs=2,
+                       start_method="spawn")
+    checkpoint = load(tmp_path / "split" / "checkpoint.pth")
+    assert checkpoint["iteration"] == 4 and len(checkpoint["rng_ranks"]) == 2
+    assert not torch.equal(checkpoint["rng_ranks"][0]["torch"], checkpoint["rng_ranks"][1]["torch"])
+    full_params, split_params = params(tmp_path / "full"), params(tmp_path / "split")
+    for name in full_params:
+        assert torch.equal(split_params[name], full_params[name]), name
+
+
+
 def test_channels_last_training_layout_is_as_accurate_as_the_contiguous_one(data):
     # m2f.train puts the model in channels_last (oneDNN's native convolution layout) for speed. Against a
     # float64 run of the same step, its loss terms and gradients must be as close as those of the
