@@ -82,9 +82,7 @@ def cluster(root: Path, *, cpus: int = 0, timeout_s: float = 60.0):
     conf = write_config(root, cpus=cpus)
     logs = {name: open(root / "log" / f"{name}.out", "w") for name in ("munged", "slurmctld", "slurmd")}  # noqa: SIM115
     commands = {
-        "munged": [_which("munged"), "--foreground", "--force", f"--key-file={key}", f"--socket={munge / 'munge.socket'}",
-                   f"--pid-file={munge / 'munged.pid'}", f"--log-file={munge / 'munged.log'}",
-                   f"--seed-file={munge / 'munged.seed'}"],
+        "munged": munged_command(munge),
         "slurmctld": [_which("slurmctld"), "-D", "-i", "-f", str(conf)],
         "slurmd": [_which("slurmd"), "-D", "-f", str(conf)],
     }
@@ -99,19 +97,35 @@ def cluster(root: Path, *, cpus: int = 0, timeout_s: float = 60.0):
         _wait(lambda: "idle" in _run(["sinfo", "-h", "-o", "%T"]), timeout_s, "the Slurm node", root)
         yield conf
     finally:
-        for process in reversed(started):
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop(started)
         for log in logs.values():
             log.close()
         if previous is None:
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = previous
+
+
+def munged_command(munge: Path) -> list[str]:
+    """munged in the foreground with its key, socket, pid, log and seed files in `munge`."""
+    return [_which("munged"), "--foreground", "--force", f"--key-file={munge / 'munge.key'}",
+            f"--socket={munge / 'munge.socket'}", f"--pid-file={munge / 'munged.pid'}",
+            f"--log-file={munge / 'munged.log'}", f"--seed-file={munge / 'munged.seed'}"]
+
+
+def stop(started: list[subprocess.Popen], *, drain_s: float = 60.0) -> None:
+    """Stops the daemons `started` (last first) once the queue is empty: a job whose result is written is still
+    finishing its step (srun, slurmstepd), and stopping the daemons under it leaves those waiting forever."""
+    deadline = time.monotonic() + drain_s
+    while _run(["squeue", "-h"]).strip() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for process in reversed(started):
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def _run(command: list[str]) -> str:

@@ -127,10 +127,7 @@ def two_node_cluster(root: Path, *, timeout_s: float = 60.0):
     (munge / "munge.key").chmod(0o400)
     for n in nodes:
         (root / "spool" / n).mkdir(parents=True)
-    commands = {"munged": [slurm_cluster._which("munged"), "--foreground", "--force",
-                           f"--key-file={munge / 'munge.key'}", f"--socket={munge / 'munge.socket'}",
-                           f"--pid-file={munge / 'munged.pid'}", f"--log-file={munge / 'munged.log'}",
-                           f"--seed-file={munge / 'munged.seed'}"],
+    commands = {"munged": slurm_cluster.munged_command(munge),
                 "slurmctld": [slurm_cluster._which("slurmctld"), "-D", "-i", "-f", str(conf)],
                 **{f"slurmd-{n}": [slurm_cluster._which("slurmd"), "-D", "-N", n, "-f", str(conf)] for n in nodes}}
     previous = os.environ.get("SLURM_CONF")
@@ -146,18 +143,7 @@ def two_node_cluster(root: Path, *, timeout_s: float = 60.0):
                             timeout_s, "the two Slurm nodes", root)
         yield conf
     finally:
-        # A job whose result is written is still finishing its step (srun, slurmstepd); stopping the daemons
-        # under it would leave those waiting for them forever.
-        deadline = time.monotonic() + 60
-        while slurm_cluster._run(["squeue", "-h"]).strip() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        for process in reversed(started):
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        slurm_cluster.stop(started)
         if previous is None:
             os.environ.pop("SLURM_CONF", None)
         else:
