@@ -292,9 +292,18 @@ def _diff(a: Any, b: Any) -> str:
 
 
 def _git_revision() -> str:
+    """The commit of the m2f package that trains, "+modified" when its files differ from that commit (a run
+    started from an edited tree did not train at the commit alone), "unknown" outside a git checkout."""
+    package = Path(__file__).parent
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=package, timeout=5)
+
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+        revision = git("rev-parse", "--short", "HEAD").stdout.strip()
+        if not revision:
+            return "unknown"
+        return revision + ("+modified" if git("diff", "--quiet", "HEAD", "--", ".").returncode == 1 else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

@@ -179,3 +179,21 @@ def test_channels_last_training_layout_is_as_accurate_as_the_contiguous_one(data
     error = ((fast_grads - reference).norm() / reference.norm()).item()
     baseline = ((contiguous - reference).norm() / reference.norm()).item()
     assert error <= 1.5 * baseline + 1e-6, (error, baseline)
+
+
+def test_git_revision_says_when_the_package_differs_from_its_commit():
+    import re
+    import subprocess
+    from pathlib import Path
+
+    from m2f.train import _git_revision
+
+    package = Path(__file__).resolve().parent.parent / "m2f"
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=package)
+    revision = _git_revision()
+    if head.returncode != 0:  # not a git checkout (an installed package)
+        assert revision == "unknown"
+        return
+    modified = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "."], cwd=package).returncode == 1
+    assert re.fullmatch(r"[0-9a-f]{7,}(\+modified)?", revision)
+    assert revision == head.stdout.strip() + ("+modified" if modified else "")
