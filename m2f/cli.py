@@ -148,6 +148,8 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
     import subprocess
     from importlib.util import find_spec
 
+    from m2f.child_process import stop
+
     # The `dashboards` package is installed with m2f (editable or from a wheel); panel serves its file.
     spec = find_spec("dashboards.app")
     if spec is None or spec.origin is None:
@@ -180,13 +182,7 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        if child.poll() is None:  # an error here (not a signal) must not leave the server behind
-            child.terminate()
-            try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+        stop(child, grace_s=10)  # an error here (not a signal) must not leave the server behind
     # A server stopped by a signal is a normal end of `m2f dashboard`, not a failure.
     raise SystemExit(0 if code in (-signal.SIGINT, -signal.SIGTERM) else code)
 

@@ -13,6 +13,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from m2f.child_process import stop as stop_process
+
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sinfo")
 
 
@@ -120,12 +122,7 @@ def stop(started: list[subprocess.Popen], *, drain_s: float = 60.0) -> None:
     while _run(["squeue", "-h"]).strip() and time.monotonic() < deadline:
         time.sleep(0.5)
     for process in reversed(started):
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, grace_s=20)
 
 
 def _run(command: list[str]) -> str:

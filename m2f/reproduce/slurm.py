@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from m2f.child_process import stop
 from m2f.reproduce.jobs import Job, JobState, execute, read_state, write_state
 
 # The rendezvous port of job J is BASE_PORT + J mod PORTS: below Linux's ephemeral range (32768-60999), where
@@ -148,12 +149,7 @@ def _train_beside_node_0(job: Job, rendezvous: "Rendezvous", node_0_result: Path
         while process.poll() is None and stamp() == before:
             time.sleep(poll_s)
         if process.poll() is None:  # node 0 ended first: nothing more to train with
-            process.terminate()
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process, grace_s=60)
             break
         if process.returncode == 0:
             return _said(f"node {rendezvous.node_rank}: trained")
