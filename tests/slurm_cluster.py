@@ -5,10 +5,12 @@ Debian's `slurm-wlm` and `munge` packages provide the binaries (`.ci/run` instal
 (sbatch, squeue, scontrol, and submitit through them) find the cluster through the SLURM_CONF variable.
 """
 
+import hashlib
 import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,11 +36,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def spool_dir(root: Path) -> Path:
+    """The slurmd spool of the cluster under `root`, at a short path of its own: slurmstepd puts Unix sockets
+    there, whose paths may not exceed 107 bytes, and pytest's temporary folders are long (under
+    /tmp/pytest-of-root/pytest-114/<test name>/ a batch step's socket name had 110 and the job never launched)."""
+    return Path(tempfile.gettempdir()) / f"m2f-spool-{hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:10]}"
+
+
 def write_config(root: Path, *, cpus: int) -> Path:
     """slurm.conf for one node (this host, `cpus` CPUs) without accounting (no slurmdbd)."""
     host = socket.gethostname()
-    for sub in ("state", "spool", "log"):
+    for sub in ("state", "log"):
         (root / sub).mkdir(parents=True, exist_ok=True)
+    spool_dir(root).mkdir(parents=True, exist_ok=True)
     conf = root / "slurm.conf"
     conf.write_text(f"""ClusterName=m2ftest
 SlurmctldHost={host}
@@ -49,7 +59,7 @@ CredType=cred/munge
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
 StateSaveLocation={root / "state"}
-SlurmdSpoolDir={root / "spool"}
+SlurmdSpoolDir={spool_dir(root)}
 SlurmctldPidFile={root / "slurmctld.pid"}
 SlurmdPidFile={root / "slurmd.pid"}
 SlurmctldLogFile={root / "log" / "slurmctld.log"}

@@ -95,6 +95,7 @@ def without_setting(markdown: str) -> list[str]:
 
 
 @pytest.mark.slurm
+@pytest.mark.timeout(900)  # a backstop: a Slurm job that never runs must fail the test, not hang it
 def test_slurm_grid_equals_local_and_survives_a_requeue(local_grid, data, tmp_path):
     from slurm_cluster import cluster, missing
 

@@ -198,8 +198,27 @@ def _checkpointable():
 
 def in_queue(job_id: str) -> str:
     """The job's Slurm state ("PENDING", "RUNNING", ...) from squeue, or "" when it has left the queue."""
-    out = subprocess.run(["squeue", "-h", "-o", "%T", "-j", job_id], capture_output=True, text=True)
-    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
+    return queue_entry(job_id)[0]
+
+
+def queue_entry(job_id: str) -> tuple[str, str]:
+    """(state, reason) of the job from squeue ("PENDING", "launch failed requeued held"), ("", "") when it has
+    left the queue."""
+    out = subprocess.run(["squeue", "-h", "-o", "%T|%r", "-j", job_id], capture_output=True, text=True)
+    if out.returncode != 0 or not out.stdout.strip():
+        return "", ""
+    state, _, reason = out.stdout.strip().splitlines()[0].partition("|")
+    return state, reason
+
+
+def held(reason: str) -> str:
+    """What a pending job's squeue reason means for the grid: "launch failed" (Slurm could not start it, e.g. a
+    node could not fork slurmstepd, and holds it so that it does not loop), "held" (a user or admin hold, which
+    someone released or will release) or "" (it waits for resources or its start time)."""
+    text = reason.lower()
+    if "launch failed" in text:
+        return "launch failed"
+    return "held" if "held" in text else ""
 
 
 def run_slurm(jobs: list[Job], launcher: Slurm, *, name: str = "m2f-reproduce") -> dict[str, str]:
@@ -228,6 +247,7 @@ def run_slurm(jobs: list[Job], launcher: Slurm, *, name: str = "m2f-reproduce") 
     tasks = {**queued, **{str(job.folder): task for job, task in zip(fresh, submitted)}}
     errors: dict[str, str] = {}
     gone: dict[str, int] = {}
+    released: set[str] = set()  # jobs found held (and, after a failed launch, released once)
     while len(errors) < len(jobs):
         for job in jobs:
             key, task = str(job.folder), tasks[str(job.folder)]
@@ -235,7 +255,27 @@ def run_slurm(jobs: list[Job], launcher: Slurm, *, name: str = "m2f-reproduce") 
                 continue
             if task.paths.result_pickle.exists():
                 errors[key] = _result(task)
-            elif not in_queue(task.job_id):
+                continue
+            state, reason = queue_entry(task.job_id)
+            hold = held(reason) if state else ""
+            if hold:
+                # A held job never starts by itself: without this the grid would wait for it forever.
+                gone.pop(key, None)
+                if hold == "launch failed" and key not in released:
+                    released.add(key)  # often transient (a node under load): one release, then it is an error
+                    print(f"  {job.label}: Slurm job {task.job_id} could not be launched ({reason}); released it "
+                          "once", flush=True)
+                    subprocess.run(["scontrol", "release", task.job_id], capture_output=True)
+                elif hold == "launch failed":
+                    errors[key] = (f"Slurm job {task.job_id} could not be launched twice ({reason}); see the slurmd "
+                                   "log of its node, then scancel it and run the command again")
+                    write_state(job, JobState("failed", launcher="slurm", job_id=task.job_id,
+                                              log=str(task.paths.stderr), error=errors[key]))
+                elif key not in released:
+                    released.add(key)
+                    print(f"  {job.label}: Slurm job {task.job_id} is held ({reason}); the grid waits until it is "
+                          f"released (scontrol release {task.job_id})", flush=True)
+            elif not state:
                 # Without slurmdbd (sacct) a job that died before writing its result is only seen as gone;
                 # a requeued job stays in the queue, so three polls in a row without it mean it is gone.
                 gone[key] = gone.get(key, 0) + 1
