@@ -126,7 +126,7 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
         print(list_tables())
         return
     common = {"scale": args.scale, "data": args.data, "out": args.out, "max_iters": args.iters, "seeds": args.seeds,
-              "seed": args.seed, "overrides": args.overrides}
+              "seed": args.seed, "overrides": args.overrides, "reuse_recorded": args.reuse_recorded}
     if args.status:
         for table in args.table:
             gpus = args.gpus_per_job if args.launcher == "slurm" and args.gpus_per_job > 1 else 0
@@ -306,6 +306,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field of every row (repeatable)")
     p.add_argument("--status", action="store_true", help="show every row/seed: pending, running, done, failed")
+    p.add_argument("--reuse-recorded", action="store_true",
+                   help="count rows whose metrics are here but whose checkpoint is not (a fresh clone's committed "
+                        "results) as done, rather than retraining them")
     p.add_argument("--launcher", default="local", choices=["local", "slurm"], help="where the rows/seeds run")
     p.add_argument("--jobs", type=int, default=1,
                    help="rows/seeds at the same time (local: pinned worker processes; slurm: array parallelism)")

@@ -92,3 +92,28 @@ def test_a_row_is_done_only_with_the_same_params_and_its_inputs_in_place(tmp_pat
     assert not is_done(job({"seed": 0}))                                  # retrained after the metrics
     checkpoint.unlink()
     assert not is_done(job({"seed": 0}))                                  # a fresh clone: no checkpoint
+
+
+def test_reuse_recorded_keeps_a_row_without_its_checkpoint_but_not_a_retrained_or_changed_one(tmp_path):
+    import os
+    from dataclasses import replace
+
+    from m2f.reproduce.jobs import Job, is_done
+    from m2f.reproduce.status import job_status
+
+    checkpoint = tmp_path / "run" / "checkpoint.pth"
+    (tmp_path / "metrics.json").write_text("{}")
+    (tmp_path / "params.json").write_text('{"seed": 0}')
+    strict = Job("row", "02_ablation.ipynb", tmp_path, {"seed": 0}, inputs=(checkpoint,))
+    recorded = replace(strict, reuse_recorded=True)
+    assert not is_done(strict) and is_done(recorded)                      # committed metrics, no checkpoint
+    state, detail = job_status(strict)
+    assert state == "pending" and "not on this machine" in detail and "--reuse-recorded" in detail
+    assert job_status(recorded) == ("done", str(tmp_path))
+    assert not is_done(replace(recorded, params={"seed": 1}))              # other parameters: retrained anyway
+    assert "parameters changed" in job_status(replace(recorded, params={"seed": 1}))[1]
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"x")
+    os.utime(checkpoint, ns=(2**62, 2**62))
+    assert not is_done(recorded)                                          # retrained after the metrics
+    assert "newer" in job_status(recorded)[1]

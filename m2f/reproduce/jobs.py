@@ -2,7 +2,10 @@
 
 A `Job` is one row at one seed (or a figure's analysis of one seed's rows, or the quickstart). It is
 done when folder/metrics.json exists, folder/params.json equals its parameters, and its inputs (the
-row's checkpoint; for a figure, the rows' metrics) exist and are not newer. Everything else about a job
+row's checkpoint; for a figure, the rows' metrics) exist and are not newer. A row recorded on another
+machine (a fresh clone's committed metrics, without the checkpoint) is retrained, so that the main job
+reproduces rather than re-prints; `reuse_recorded` makes it count as done instead (`m2f reproduce
+--reuse-recorded`: add rows to committed tables without retraining their baselines). Everything else about a job
 lives in folder/job.json (`JobState`): which launcher ran it, its Slurm job id, its log, its error. That
 file is what `m2f reproduce TABLE --status` reads, so it works from any shell while a grid runs.
 
@@ -37,6 +40,8 @@ class Job:
         folder: the output folder (papermill's cwd; the executed notebook, metrics.json, params.json).
         params: the notebook's parameters (also the done stamp).
         inputs: files whose presence (and age) `is_done` checks besides the stamp.
+        reuse_recorded: an input that is absent does not make the job undone (one that is present and
+            newer than the metrics still does: the row was retrained after them).
     """
 
     label: str
@@ -44,6 +49,7 @@ class Job:
     folder: Path
     params: dict[str, Any]
     inputs: tuple[Path, ...] = ()
+    reuse_recorded: bool = False
 
     @property
     def executed(self) -> Path:
@@ -92,8 +98,9 @@ def is_done(job: Job) -> bool:
     metrics, stamp = job.folder / "metrics.json", job.folder / "params.json"
     if not (metrics.is_file() and stamp.is_file()) or json.loads(stamp.read_text()) != job.params:
         return False
-    # A fresh clone has the committed metrics but not the checkpoints; a retrained row invalidates figures.
-    return all(p.is_file() and p.stat().st_mtime_ns <= metrics.stat().st_mtime_ns for p in job.inputs)
+    # A retrained row invalidates its metrics and the figures made from them.
+    return all(p.stat().st_mtime_ns <= metrics.stat().st_mtime_ns if p.is_file() else job.reuse_recorded
+               for p in job.inputs)
 
 
 def execute(job: Job, *, progress: bool = False, launcher: str = "local", job_id: str = "", log: str = "") -> str:

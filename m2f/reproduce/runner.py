@@ -79,7 +79,7 @@ class Grid:
 
 def plan(name: str, *, scale: str = "tiny", data: str | Path | None = None, out: str | Path | None = None,
          max_iters: int = 0, seeds: int | None = None, seed: int = 0, overrides: list[str] = (),
-         nproc_per_node: int = 0) -> Grid:
+         nproc_per_node: int = 0, reuse_recorded: bool = False) -> Grid:
     """The jobs of one table (nothing runs). Arguments as in `reproduce`."""
     table, s = get_table(name), get_scale(scale)
     out = Path(out or Path("results") / scale).resolve()
@@ -109,7 +109,8 @@ def plan(name: str, *, scale: str = "tiny", data: str | Path | None = None, out:
                           "task": row.task, "variant": row.variant, "overrides": row_overrides,
                           "output_dir": str(folder), "nproc_per_node": nproc_per_node or s.nproc_per_node}
                 label = row.label if len(grid.seeds) == 1 else f"{row.label}, seed {k}"
-                jobs[k] = Job(label, notebook, folder, params, inputs=(RunDir.at(folder / "run").checkpoint,))
+                jobs[k] = Job(label, notebook, folder, params, inputs=(RunDir.at(folder / "run").checkpoint,),
+                              reuse_recorded=reuse_recorded)
         grid.rows.append((row, jobs))
     if table.kind == "figure":
         for k in grid.seeds:
@@ -124,7 +125,7 @@ def plan(name: str, *, scale: str = "tiny", data: str | Path | None = None, out:
 
 def reproduce(name: str, *, scale: str = "tiny", data: str | Path | None = None, out: str | Path | None = None,
               max_iters: int = 0, seeds: int | None = None, seed: int = 0, overrides: list[str] = (),
-              launcher: Any = None, progress: bool = True) -> Path:
+              launcher: Any = None, progress: bool = True, reuse_recorded: bool = False) -> Path:
     """Reproduces one table or figure and writes out/NAME.md (.csv, .html) and out/SUMMARY.md (.csv);
     returns the .md path.
 
@@ -140,11 +141,14 @@ def reproduce(name: str, *, scale: str = "tiny", data: str | Path | None = None,
         launcher: `m2f.reproduce.launcher.Local(jobs=N)` (default: one job at a time, here) or
             `m2f.reproduce.slurm.Slurm(...)`.
         progress: papermill's per-cell progress bars (this process only).
+        reuse_recorded: rows whose metrics are here but whose checkpoint is not (committed results from
+            another machine) count as done instead of being retrained. A figure that loads the models
+            (Figures 3 and I) still needs the checkpoints.
     """
     launcher = launcher or Local()
     gpus = getattr(launcher, "gpus_per_job", 0)
     grid = plan(name, scale=scale, data=data, out=out, max_iters=max_iters, seeds=seeds, seed=seed,
-                overrides=overrides, nproc_per_node=gpus if gpus > 1 else 0)
+                overrides=overrides, nproc_per_node=gpus if gpus > 1 else 0, reuse_recorded=reuse_recorded)
     table, out = grid.table, grid.out
     if grid.row_jobs():
         prepare_data(scale, Path(data).resolve() if data else out / "data")  # once, before workers start

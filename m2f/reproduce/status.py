@@ -5,6 +5,7 @@ Slurm (squeue) or the process table whether a job that says it runs still does, 
 while a grid runs, and after one was killed.
 """
 
+import json
 import os
 import socket
 
@@ -18,6 +19,9 @@ def job_status(job: Job) -> tuple[str, str]:
     if is_done(job):
         return "done", str(job.folder)
     state = read_state(job)
+    # Finished once (the rows made before job.json existed have no state), but not done now.
+    if (job.folder / "metrics.json").is_file() and (state is None or state.state == "done"):
+        return "pending", f"to re-run: {_stale(job)}"
     if state is None:
         return "pending", "not started"
     if state.state == "failed":
@@ -30,6 +34,17 @@ def job_status(job: Job) -> tuple[str, str]:
         reason = f"; {state.error}" if state.error else ""
         return state.state, f"{state.launcher} job {state.job_id}{where} (log {state.log}){reason}"
     return state.state, state.log
+
+
+def _stale(job: Job) -> str:
+    """Why a job with metrics is not done (`m2f.reproduce.jobs.is_done`)."""
+    stamp = job.folder / "params.json"
+    if not stamp.is_file() or json.loads(stamp.read_text()) != job.params:
+        return "its parameters changed"
+    missing = [p for p in job.inputs if not p.is_file()]
+    if missing:
+        return f"{missing[0]} is not on this machine (--reuse-recorded keeps its metrics)"
+    return "its inputs are newer than its metrics"
 
 
 def _alive(launcher: str, job_id: str, host: str) -> bool | None:
