@@ -115,9 +115,10 @@ def _delta(record: dict[str, Any]) -> str:
 
 
 def markdown(table: Table, scale: str, results: list[RowResult], *, setting: str,
-             claims: list[dict[str, Any]] = (), figures: list[str] = ()) -> str:
-    """The report as markdown: the table, the verdicts and their test, every seed's values, the figure(s),
-    the failures, the notebooks."""
+             claims: list[dict[str, Any]] = (), figures: list[str] = (),
+             costs: dict[str, dict[str, float]] | None = None) -> str:
+    """The report as markdown: the table, the verdicts and their test, every seed's values, the model costs
+    (`m2f.reproduce.costs`, when given), the figure(s), the failures, the notebooks."""
     records = comparisons(table, results)
     by_row: dict[str, dict[str, dict[str, Any]]] = {}
     for record in records:
@@ -163,6 +164,8 @@ def markdown(table: Table, scale: str, results: list[RowResult], *, setting: str
         else:
             verdict = "agrees" if claim["agrees"] else "does NOT agree"
         lines.append(f"- {claim['claim']}: ours {claim['ours']} - **{verdict}**")
+    if costs:
+        lines += ["", *_cost_lines(table, costs)]
     for figure in figures:
         lines += ["", f"![{table.name}]({figure})"]
     if seeds > 1:
@@ -177,6 +180,29 @@ def markdown(table: Table, scale: str, results: list[RowResult], *, setting: str
     if notebooks:
         lines += ["", "Executed notebooks: " + ", ".join(_notebook_links(r) for r in notebooks)]
     return "\n".join(lines) + "\n"
+
+
+def _cost_lines(table: Table, costs: dict[str, dict[str, float]]) -> list[str]:
+    from m2f.reproduce.costs import SIZE
+
+    base = next((costs.get(r.label) for r in table.rows if r.baseline), None)
+    lines = [f"## Model cost in the paper's configuration (R50, instance task, one {SIZE[0]}x{SIZE[1]} image)", "",
+             "Counted, not trained: the paper's FLOPs column. GFLOPs are multiply-adds, as the paper's counter "
+             "(fvcore) counts them, of matrix products and convolutions (fvcore also counts norms and "
+             "interpolation; neither sees the deformable attention's sampling; `m2f.reproduce.costs`).", "",
+             "| row | parameters (M) | GFLOPs ours / paper | Δ vs baseline ours / paper |", "|---|---|---|---|"]
+    paper_base = next((r.paper.get("GFLOPs") for r in table.rows if r.baseline), None)
+    for row in table.rows:
+        cost, paper = costs.get(row.label), row.paper.get("GFLOPs")
+        if cost is None:
+            continue
+        delta = ""
+        if base is not None and not row.baseline:
+            theirs = f"{paper - paper_base:+.0f}" if paper is not None and paper_base is not None else "?"
+            delta = f"{cost['gflops'] - base['gflops']:+.0f} / {theirs}"
+        lines.append(f"| {row.label} | {cost['parameters'] / 1e6:.1f} | {cost['gflops']:.0f} / "
+                     f"{'n/a' if paper is None else f'{paper:.0f}'} | {delta} |")
+    return lines
 
 
 def _notebook_links(result: RowResult) -> str:

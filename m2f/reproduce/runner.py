@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from m2f.reproduce.costs import table_costs
 from m2f.reproduce.jobs import NOTEBOOKS, Job, is_done, read_state
 from m2f.reproduce.launcher import Local, run_jobs
 from m2f.reproduce.report import RowResult, markdown, row_values, to_csv, to_html
@@ -161,7 +162,8 @@ def reproduce(name: str, *, scale: str = "tiny", data: str | Path | None = None,
     setting = _setting(scale, max_iters, grid.seeds, time.perf_counter() - start)
     out.mkdir(parents=True, exist_ok=True)
     report = out / f"{name}.md"
-    report.write_text(markdown(table, scale, results, setting=setting, claims=claims, figures=figures))
+    costs = table_costs(table, out) if table.costs else None
+    report.write_text(markdown(table, scale, results, setting=setting, claims=claims, figures=figures, costs=costs))
     (out / f"{name}.csv").write_text(to_csv(table, results))
     (out / f"{name}.html").write_text(to_html(table, scale, results))
     write_summary(out)

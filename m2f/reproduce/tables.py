@@ -83,7 +83,8 @@ class Row:
     Args:
         label: as printed in the paper.
         variant: a key of `VARIANTS`, or None.
-        paper: metric -> the paper's value ("PQ", "AP", "mIoU", "memory_gb", ...).
+        paper: metric -> the paper's value ("PQ", "AP", "mIoU", "memory_gb", ...; "GFLOPs", Table 4's FLOPs
+            column, is a cost that the report counts rather than trains: `Table.costs`).
         task: which model is trained (Table 7 trains one per task).
         scales: the scales at which the row runs (backbone rows of Tables 1-3 only at paper scale).
         overrides: extra config overrides (e.g. a bigger backbone).
@@ -121,6 +122,8 @@ class Table:
         metrics: columns, the compared metric first.
         notebook: in notebooks/.
         claim: the paper's finding, in one sentence (what "agrees" means).
+        costs: the report also counts each row's parameters and FLOPs in the paper's configuration, beside
+            the paper's FLOPs column (its rows' `paper["GFLOPs"]`; `m2f.reproduce.costs`).
     """
 
     name: str
@@ -130,10 +133,11 @@ class Table:
     metrics: tuple[str, ...] = ("PQ", "AP", "mIoU")
     notebook: str = ABLATION
     claim: str = ""
+    costs: bool = False
 
 
-M2F = Row("Mask2Former (ours)", "mask2former", {"AP": 43.7, "PQ": 51.9, "mIoU": 47.2}, baseline=True)
-CROSS = Row("cross-attention", "cross_attention", {"AP": 37.8, "PQ": 47.1, "mIoU": 45.5})
+M2F = Row("Mask2Former (ours)", "mask2former", {"AP": 43.7, "PQ": 51.9, "mIoU": 47.2, "GFLOPs": 226}, baseline=True)
+CROSS = Row("cross-attention", "cross_attention", {"AP": 37.8, "PQ": 47.1, "mIoU": 45.5, "GFLOPs": 213})
 
 
 _TABLES = [
@@ -166,36 +170,36 @@ _TABLES = [
     Table("table4a", "Masked attention and high-resolution features (one component removed at a time)",
           "ablation", (
               M2F,
-              Row("- masked attention", "cross_attention", {"AP": 37.8, "PQ": 47.1, "mIoU": 45.5}),
-              Row("- high-resolution features", "single_1_32", {"AP": 41.5, "PQ": 50.2, "mIoU": 46.1}),
-          ), claim="Removing masked attention or high-resolution features lowers every metric."),
+              Row("- masked attention", "cross_attention", {"AP": 37.8, "PQ": 47.1, "mIoU": 45.5, "GFLOPs": 213}),
+              Row("- high-resolution features", "single_1_32", {"AP": 41.5, "PQ": 50.2, "mIoU": 46.1, "GFLOPs": 218}),
+          ), claim="Removing masked attention or high-resolution features lowers every metric.", costs=True),
     Table("table4b", "Optimization improvements (one component removed at a time)", "ablation", (
         M2F,
-        Row("- learnable query features", "zero_query_features", {"AP": 42.9, "PQ": 51.2, "mIoU": 45.4}),
-        Row("- cross-attention first", "self_attention_first", {"AP": 43.2, "PQ": 51.6, "mIoU": 46.3}),
-        Row("- remove dropout", "dropout", {"AP": 43.0, "PQ": 51.3, "mIoU": 47.2}),
-        Row("- all 3 components above", "no_optimization_improvements", {"AP": 42.3, "PQ": 50.8, "mIoU": 46.3}),
-    ), claim="Each optimization improvement helps a little, all three together about 1 PQ."),
+        Row("- learnable query features", "zero_query_features", {"AP": 42.9, "PQ": 51.2, "mIoU": 45.4, "GFLOPs": 226}),
+        Row("- cross-attention first", "self_attention_first", {"AP": 43.2, "PQ": 51.6, "mIoU": 46.3, "GFLOPs": 226}),
+        Row("- remove dropout", "dropout", {"AP": 43.0, "PQ": 51.3, "mIoU": 47.2, "GFLOPs": 226}),
+        Row("- all 3 components above", "no_optimization_improvements", {"AP": 42.3, "PQ": 50.8, "mIoU": 46.3, "GFLOPs": 226}),
+    ), claim="Each optimization improvement helps a little, all three together about 1 PQ.", costs=True),
     Table("table4c", "Masked attention vs other cross-attention variants", "ablation", (
         CROSS,
-        Row("SMCA", "smca", {"AP": 37.9, "PQ": 47.2, "mIoU": 46.6}),
-        Row("mask pooling", "mask_pooling", {"AP": 43.1, "PQ": 51.5, "mIoU": 46.0}),
+        Row("SMCA", "smca", {"AP": 37.9, "PQ": 47.2, "mIoU": 46.6, "GFLOPs": 213}),
+        Row("mask pooling", "mask_pooling", {"AP": 43.1, "PQ": 51.5, "mIoU": 46.0, "GFLOPs": 217}),
         Row("masked attention", "mask2former", M2F.paper, baseline=True),
-    ), claim="Masked attention is the best variant on every task."),
+    ), claim="Masked attention is the best variant on every task.", costs=True),
     Table("table4d", "Feature resolution of the Transformer decoder", "ablation", (
-        Row("single scale (1/32)", "single_1_32", {"AP": 41.5, "PQ": 50.2, "mIoU": 46.1}),
-        Row("single scale (1/16)", "single_1_16", {"AP": 43.0, "PQ": 51.5, "mIoU": 46.5}),
-        Row("single scale (1/8)", "single_1_8", {"AP": 44.0, "PQ": 51.8, "mIoU": 47.4}),
-        Row("naive m.s. (3 scales)", "naive_multiscale", {"AP": 44.0, "PQ": 51.9, "mIoU": 46.3}),
+        Row("single scale (1/32)", "single_1_32", {"AP": 41.5, "PQ": 50.2, "mIoU": 46.1, "GFLOPs": 218}),
+        Row("single scale (1/16)", "single_1_16", {"AP": 43.0, "PQ": 51.5, "mIoU": 46.5, "GFLOPs": 222}),
+        Row("single scale (1/8)", "single_1_8", {"AP": 44.0, "PQ": 51.8, "mIoU": 47.4, "GFLOPs": 239}),
+        Row("naive m.s. (3 scales)", "naive_multiscale", {"AP": 44.0, "PQ": 51.9, "mIoU": 46.3, "GFLOPs": 247}),
         Row("efficient m.s. (3 scales)", "mask2former", M2F.paper, baseline=True),
-    ), claim="High-resolution features matter; the efficient round-robin multi-scale matches single 1/8."),
+    ), claim="High-resolution features matter; the efficient round-robin multi-scale matches single 1/8.", costs=True),
     Table("table4e", "Pixel decoder", "ablation", (
-        Row("FPN", "fpn", {"AP": 41.5, "PQ": 50.7, "mIoU": 45.6}),
-        Row("Semantic FPN", "semantic_fpn", {"AP": 42.1, "PQ": 51.2, "mIoU": 46.2}),
+        Row("FPN", "fpn", {"AP": 41.5, "PQ": 50.7, "mIoU": 45.6, "GFLOPs": 195}),
+        Row("Semantic FPN", "semantic_fpn", {"AP": 42.1, "PQ": 51.2, "mIoU": 46.2, "GFLOPs": 258}),
         Row("FaPN", "fapn", {"AP": 42.4, "PQ": 51.8, "mIoU": 46.8}),
-        Row("BiFPN", "bifpn", {"AP": 43.5, "PQ": 51.8, "mIoU": 45.6}),
+        Row("BiFPN", "bifpn", {"AP": 43.5, "PQ": 51.8, "mIoU": 45.6, "GFLOPs": 204}),
         Row("MSDeformAttn", "mask2former", M2F.paper, baseline=True),
-    ), claim="The MSDeformAttn pixel decoder is the best on every task."),
+    ), claim="The MSDeformAttn pixel decoder is the best on every task.", costs=True),
     Table("table5", "Loss on sampled points vs whole masks (matching loss, training loss)", "ablation", (
         Row("mask matching, mask loss", "mask_matching_mask_loss",
             {"AP": 41.0, "PQ": 50.3, "mIoU": 45.9, "memory_gb": 18.0}),
