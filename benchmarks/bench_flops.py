@@ -117,7 +117,9 @@ def inference_workload(backbone: str, size: tuple[int, int], device: str) -> Wor
     return [("preprocess", lambda s: s.update(x=model.preprocess(image))),
             ("backbone", lambda s: s.update(features=model.backbone(s["x"]))),
             ("pixel_decoder", lambda s: s.update(pyramid=model.pixel_decoder(s["features"]))),
-            ("transformer_decoder", lambda s: s.update(out=model.transformer_decoder(s["pyramid"][1], s["pyramid"][0]))),
+            # The final prediction set only, as m2f.predict (intermediate masks only where attention reads them).
+            ("transformer_decoder", lambda s: s.update(out=model.transformer_decoder(s["pyramid"][1], s["pyramid"][0],
+                                                                                     intermediate=False))),
             ("panoptic_postprocess", panoptic)]
 
 

@@ -136,7 +136,8 @@ class Runners:
         from m2f.postprocess import postprocess
 
         with torch.no_grad(), autocast(self.device, self.precision):
-            out = self.ours([self.image])
+            # Like m2f.predict: the intermediate prediction sets only where `agreement` compares them all.
+            out = self.ours([self.image], intermediate=self.auxiliary)
         result = postprocess(out, task="panoptic", image_sizes=[self.size], **self.ours_options)[0]
         self.last["m2f"], self.last["m2f_segments"] = out, len(result["segments_info"])
         return self._categories(result["panoptic_seg"], {s["id"]: s["category_id"] for s in result["segments_info"]})

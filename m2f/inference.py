@@ -58,7 +58,7 @@ def predict(model: Mask2Former, images: list[torch.Tensor], *, task: str, is_thi
     test = test or TestConfig()
     sizes = [tuple(im.shape[-2:]) for im in images]
     with torch.no_grad():
-        outputs = model(images)
+        outputs = model(images, intermediate=False)
     return postprocess(outputs, task=task, image_sizes=sizes, output_sizes=output_sizes or sizes,
                        **_task_options(task, is_thing, test))
 
@@ -138,9 +138,7 @@ def evaluate(model: Mask2Former, cfg: Config, *, split: str | None = None, layer
         item = dataset[index]
         _check_memory(item, cfg)
         with torch.no_grad():
-            out = model([item["image"].to(device)])
-        if layers == "final":
-            out = {k: v for k, v in out.items() if k != "aux_outputs"}
+            out = model([item["image"].to(device)], intermediate=layers == "all")
         sizes = {"image_sizes": [tuple(item["image"].shape[-2:])], "output_sizes": [(item["height"], item["width"])],
                  "padded_size": out["padded_size"]}
         if ade20k:

@@ -68,11 +68,14 @@ class Mask2Former(nn.Module):
             batch[i, :, : im.shape[1], : im.shape[2]] = (im - self.pixel_mean) / self.pixel_std
         return batch
 
-    def forward(self, images: Tensor | list[Tensor], *, capture: bool = False) -> dict[str, Any]:
+    def forward(self, images: Tensor | list[Tensor], *, capture: bool = False,
+                intermediate: bool = True) -> dict[str, Any]:
         """
         Args:
             images: (B, 3, H, W) or a list of (3, H_i, W_i) RGB images on the 0-255 scale (any sizes).
             capture: also return per-layer attention weights and masks (see `MaskedTransformerDecoder`).
+            intermediate: also return the intermediate prediction sets; False for inference of the final
+                set only (the same final set, less work; see `MaskedTransformerDecoder`).
 
         Returns:
             {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, H_pad/4, W_pad/4), "aux_outputs": [...],
@@ -81,7 +84,7 @@ class Mask2Former(nn.Module):
         x = self.preprocess(images)
         features = self.backbone(x)
         mask_features, pyramid = self.pixel_decoder(features)
-        out = self.transformer_decoder(pyramid, mask_features, capture=capture)
+        out = self.transformer_decoder(pyramid, mask_features, capture=capture, intermediate=intermediate)
         out["padded_size"] = tuple(x.shape[-2:])
         return out
 

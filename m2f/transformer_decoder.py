@@ -219,16 +219,23 @@ class MaskedTransformerDecoder(nn.Module):
                 nn.init.kaiming_uniform_(proj.weight, a=1)
                 nn.init.zeros_(proj.bias)
 
-    def forward(self, pyramid: list[Tensor], mask_features: Tensor, *, capture: bool = False) -> dict[str, Any]:
+    def forward(self, pyramid: list[Tensor], mask_features: Tensor, *, capture: bool = False,
+                intermediate: bool = True) -> dict[str, Any]:
         """
         Args:
             pyramid: [(B, C, H/32, W/32), (B, C, H/16, W/16), (B, C, H/8, W/8)] from the pixel decoder.
             mask_features: (B, mask_dim, H/4, W/4) per-pixel embeddings.
             capture: also return, per decoder layer, what it attended to (see Returns).
+            intermediate: also return the num_layers intermediate prediction sets ("aux_outputs": the losses
+                and the per-layer evaluation need them). False (inference of the final set) computes an
+                intermediate mask only at the pixels that the next layer's attention mask reads, and not at
+                all for standard cross-attention; the final set is bit-identical to that of True
+                (`sampled_attention_mask`).
 
         Returns:
             {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, H/4, W/4), "aux_outputs": [num_layers dicts
-            with the same keys, prediction #0 (before any layer) first]}, and with `capture` also
+            with the same keys, prediction #0 (before any layer) first; empty without `intermediate`]}, and
+            with `capture` also
             "capture": one dict per layer with "attn_weights" (B, M, Q, S) (M = 1 for mask pooling),
             "attend_mask" (B, Q, S) bool (True = the query may attend there; None for standard
             cross-attention and SMCA, whose prior is in the weights), "levels" (pyramid indices) and "level_shapes" [(H_l, W_l)], S = sum H_l W_l.
@@ -253,9 +260,13 @@ class MaskedTransformerDecoder(nn.Module):
         for i in range(self.num_layers + 1):
             # Heads on the current queries; the mask is resized to the level(s) the next layer attends.
             levels = self.layer_levels[i] if i < self.num_layers else ()
-            cls, mask, blocked = self._prediction_heads(tgt, mask_features, [shapes[lv] for lv in levels])
-            logits.append(cls)
-            masks.append(mask)
+            if intermediate or i == self.num_layers:
+                cls, mask, blocked = self._prediction_heads(tgt, mask_features, [shapes[lv] for lv in levels])
+                logits.append(cls)
+                masks.append(mask)
+            elif self.attention in ("masked", "mask_pooling"):
+                blocked = sampled_attention_mask(self.mask_embed(self.decoder_norm(tgt)), mask_features,
+                                                 [shapes[lv] for lv in levels])
             if i == self.num_layers:
                 break
             memory = torch.cat([srcs[lv] for lv in levels], 1)
@@ -324,13 +335,51 @@ def attention_mask(mask_logits: Tensor, target_shapes: list[tuple[int, int]]) ->
         its softmax would have no support). Detached: the mask is a hard decision.
     """
     with torch.no_grad():
-        blocked = torch.cat([
-            F.interpolate(mask_logits, size=s, mode="bilinear", align_corners=False).flatten(2) for s in target_shapes
-        ], -1).sigmoid() < 0.5
-        # An AND, not an indexed assignment: that exports to ONNX as a Where on bool tensors, which
-        # onnxruntime has no kernel for.
-        blocked = blocked & ~blocked.all(-1, keepdim=True)
-    return blocked
+        return _blocked([F.interpolate(mask_logits, size=s, mode="bilinear", align_corners=False).flatten(2)
+                         for s in target_shapes])
+
+
+def sampled_attention_mask(mask_embed: Tensor, mask_features: Tensor, target_shapes: list[tuple[int, int]]) -> Tensor:
+    """`attention_mask(einsum("bqc,bchw->bqhw", mask_embed, mask_features), target_shapes)`, bit for bit,
+    with the mask logits computed only at the pixels that the bilinear resizing reads.
+
+    Resizing by an even integer factor f > 2 (align_corners=False) reads, per output row (column) i, the two
+    input rows f*i + f/2 - 1 and f*i + f/2 with weights 1/2. Those rows and columns of the mask features give
+    a (2h, 2w) map whose own resizing to (h, w) reads them with the same weights: the same arithmetic on the
+    same logits, 16x fewer of them at 1/32 and 4x fewer at 1/16 (1/8, f = 2, reads every pixel). Any other
+    size ratio falls back to all pixels. `tests/test_transformer_decoder.py` checks the bit-identity.
+
+    Args:
+        mask_embed: (B, Q, mask_dim) the queries' mask embeddings.
+        mask_features: (B, mask_dim, H/4, W/4).
+        target_shapes: as in `attention_mask`.
+    """
+    with torch.no_grad():
+        resized = []
+        for h, w in target_shapes:
+            features = _bilinear_taps(_bilinear_taps(mask_features, 2, h), 3, w)
+            logits = torch.einsum("bqc,bchw->bqhw", mask_embed, features)
+            resized.append(F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False).flatten(2))
+        return _blocked(resized)
+
+
+def _bilinear_taps(x: Tensor, dim: int, out: int) -> Tensor:
+    """The rows (dim 2) or columns (dim 3) of x that resizing them to `out` reads, when their count is f * `out`
+    with f even and > 2: rows f*i + f/2 - 1 and f*i + f/2 for every i, in order (strided views, no gather); x
+    itself otherwise (every row may be read)."""
+    f = x.shape[dim] // out
+    if f * out != x.shape[dim] or f % 2 or f == 2:
+        return x
+    return x.unflatten(dim, (out, f)).narrow(dim + 1, f // 2 - 1, 2).flatten(dim, dim + 1)
+
+
+def _blocked(resized: list[Tensor]) -> Tensor:
+    """The masked-attention rule on the resized logits [(B, Q, S_l)]: blocked (B, Q, S) where sigmoid < 0.5,
+    except for a query blocked everywhere, which is blocked nowhere."""
+    blocked = torch.cat(resized, -1).sigmoid() < 0.5
+    # An AND, not an indexed assignment: that exports to ONNX as a Where on bool tensors, which
+    # onnxruntime has no kernel for.
+    return blocked & ~blocked.all(-1, keepdim=True)
 
 
 def _attention_dtype(query: Tensor) -> torch.dtype:

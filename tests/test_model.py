@@ -229,3 +229,34 @@ def test_capture_does_not_change_the_predictions():
     with torch.no_grad():
         plain, captured = model(images()), model(images(), capture=True)
     torch.testing.assert_close(plain["pred_masks"], captured["pred_masks"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [[], ["model.attention=mask_pooling"], ["model.attention=cross"],
+                                       ["model.feature_scales=naive_multiscale"], ["model.layer_order=self_first"]])
+def test_final_only_inference_gives_the_same_final_set_bit_for_bit(overrides):
+    model = tiny(*overrides)
+    with torch.no_grad():
+        full = model(images(2, 70, 100))              # padded to 96x128: masks 24x32, levels 3x4 / 6x8 / 12x16
+        final = model(images(2, 70, 100), intermediate=False)
+    assert len(full["aux_outputs"]) == model.transformer_decoder.num_layers and final["aux_outputs"] == []
+    assert torch.equal(final["pred_masks"], full["pred_masks"])
+    assert torch.equal(final["pred_logits"], full["pred_logits"])
+
+
+@pytest.mark.parametrize("mask_size", [(200, 272), (200, 304), (136, 200), (24, 40)])
+def test_sampled_attention_mask_equals_the_full_resolution_rule(mask_size):
+    from m2f.transformer_decoder import attention_mask, sampled_attention_mask
+
+    generator = torch.Generator().manual_seed(0)
+    embed = torch.randn(2, 100, 256, generator=generator)
+    features = torch.randn(2, 256, *mask_size, generator=generator)
+    # Many logits at the threshold's edge, where any rounding difference would flip the mask.
+    features[:, :, ::3] *= 1e-4
+    h, w = mask_size
+    shapes = [(h // 8, w // 8), (h // 4, w // 4), (h // 2, w // 2)]
+    logits = torch.einsum("bqc,bchw->bqhw", embed, features)
+    for targets in ([s] for s in shapes):
+        assert torch.equal(sampled_attention_mask(embed, features, targets), attention_mask(logits, targets))
+    assert torch.equal(sampled_attention_mask(embed, features, shapes), attention_mask(logits, shapes))
+    odd = [(h // 3, w // 5)]  # not an even integer factor: every pixel is read
+    assert torch.equal(sampled_attention_mask(embed, features, odd), attention_mask(logits, odd))

@@ -139,8 +139,7 @@ def predict(model: torch.nn.Module, images: Sequence[ImageLike], *, task: Task,
     inputs = [_test_resize(im, cfg) if resize else im for im in originals]
     device = next(model.parameters()).device
     with torch.no_grad():
-        out = model([im.to(device) for im in inputs])
-    out.pop("aux_outputs", None)  # the final prediction set only
+        out = model([im.to(device) for im in inputs], intermediate=False)  # the final prediction set only
     options = _task_options(task, categories.isthing, test)
     if task == "semantic":
         options["return_scores"] = True  # for each segment's score
