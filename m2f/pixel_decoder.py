@@ -40,7 +40,7 @@ class ConvNorm(nn.Conv2d):
         x = super().forward(x)
         if self.norm is not None:
             x = self.norm(x)
-        return F.relu(x) if self.relu else x
+        return F.relu_(x) if self.relu else x  # in place on a fresh output (see the encoder's FFN)
 
 
 class DeformableTransformer(nn.Module):

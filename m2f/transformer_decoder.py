@@ -129,7 +129,7 @@ class FFNLayer(nn.Module):
 
     def forward(self, tgt: Tensor) -> Tensor:
         x = self.norm(tgt) if self.pre_norm else tgt
-        tgt = tgt + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x)))))
+        tgt = tgt + self.dropout(self.linear2(self.dropout(F.relu_(self.linear1(x)))))  # in place: a fresh output
         return tgt if self.pre_norm else self.norm(tgt)
 
 
