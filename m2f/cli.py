@@ -140,7 +140,7 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     else:
         launcher = Local(jobs=args.jobs)
     for table in args.table:
-        reproduce(table, **common, launcher=launcher)
+        reproduce(table, **common, launcher=launcher, report_only=args.report_only)
 
 
 def cmd_dashboard(args: argparse.Namespace) -> None:
@@ -306,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field of every row (repeatable)")
     p.add_argument("--status", action="store_true", help="show every row/seed: pending, running, done, failed")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: write the reports from the jobs that are done (the others show as pending)")
     p.add_argument("--reuse-recorded", action="store_true",
                    help="count rows whose metrics are here but whose checkpoint is not (a fresh clone's committed "
                         "results) as done, rather than retraining them")

@@ -102,3 +102,29 @@ def test_the_demo_keeps_seeds_trained_earlier_in_its_reports(tmp_path):
     assert seeds_done("table4a", tmp_path) == 2
     finish(grid.rows[-1][1][2], checkpoint=False)  # as in a fresh clone: committed metrics, no checkpoint
     assert seeds_done("table4a", tmp_path) == 2
+
+
+def test_report_only_runs_nothing_and_reports_the_finished_seeds_and_the_pending_ones(tmp_path, monkeypatch):
+    import json
+
+    from m2f.reproduce import runner
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("--report-only must not run or prepare anything")
+
+    monkeypatch.setattr(runner, "run_jobs", refuse)
+    monkeypatch.setattr(runner, "prepare_data", refuse)
+    monkeypatch.setattr(runner, "table_costs", lambda table, out: {})  # counted in tests/test_reproduce_costs.py
+    grid = runner.plan("table4a", scale="tiny", out=tmp_path, seeds=2, reuse_recorded=True)
+    for (row, jobs), pq in zip(grid.rows, (50.0, 40.0, 45.0)):
+        for k, job in jobs.items():
+            if row.baseline or k == 0:  # the other rows' seed 1 is not trained
+                job.folder.mkdir(parents=True, exist_ok=True)
+                (job.folder / "params.json").write_text(json.dumps(job.params))
+                (job.folder / "metrics.json").write_text(json.dumps({"PQ": pq + k}))
+    report = runner.reproduce("table4a", scale="tiny", out=tmp_path, seeds=2, reuse_recorded=True,
+                              report_only=True).read_text()
+    assert "| Mask2Former (ours) (baseline) | 50.5 ± 0.71 / 51.9 |" in report   # both seeds
+    assert "| - masked attention | 40.0 / 47.1 |" in report                    # the one finished seed
+    assert "## Rows still to train" in report and "- masked attention, seed 1" in report
+    assert "## Failed rows" not in report

@@ -27,7 +27,7 @@ class RowResult:
 
     Args:
         row: the table row.
-        status: "done", "failed", "not implemented" or "not at this scale".
+        status: "done", "failed", "pending" (some seeds not run yet), "not implemented" or "not at this scale".
         values: metric -> our value (the mean over `samples` when there are several seeds).
         error: for failed rows, the notebook, the cell and the exception (of every failed seed).
         notebook: the executed notebook of the first seed (relative to the report).
@@ -176,6 +176,10 @@ def markdown(table: Table, scale: str, results: list[RowResult], *, setting: str
     failed = [r for r in results if r.status == "failed"]
     if failed:
         lines += ["", "## Failed rows", ""] + [f"- {r.row.label}: {r.error}" for r in failed]
+    pending = [r for r in results if r.status == "pending"]
+    if pending:
+        lines += ["", "## Rows still to train", "", "A row with some seeds done reports those seeds above.", ""]
+        lines += [f"- {r.row.label}: {r.error}" for r in pending]
     notebooks = [r for r in results if r.notebook]
     if notebooks:
         lines += ["", "Executed notebooks: " + ", ".join(_notebook_links(r) for r in notebooks)]
@@ -212,7 +216,8 @@ def _notebook_links(result: RowResult) -> str:
 
 
 def _status(result: RowResult) -> str:
-    return {"done": "-", "failed": "failed", "not implemented": "n/i", "not at this scale": "-"}[result.status]
+    return {"done": "-", "failed": "failed", "pending": "pending", "not implemented": "n/i",
+            "not at this scale": "-"}[result.status]
 
 
 def to_csv(table: Table, results: list[RowResult]) -> str:

@@ -126,7 +126,8 @@ def plan(name: str, *, scale: str = "tiny", data: str | Path | None = None, out:
 
 def reproduce(name: str, *, scale: str = "tiny", data: str | Path | None = None, out: str | Path | None = None,
               max_iters: int = 0, seeds: int | None = None, seed: int = 0, overrides: list[str] = (),
-              launcher: Any = None, progress: bool = True, reuse_recorded: bool = False) -> Path:
+              launcher: Any = None, progress: bool = True, reuse_recorded: bool = False,
+              report_only: bool = False) -> Path:
     """Reproduces one table or figure and writes out/NAME.md (.csv, .html) and out/SUMMARY.md (.csv);
     returns the .md path.
 
@@ -145,19 +146,24 @@ def reproduce(name: str, *, scale: str = "tiny", data: str | Path | None = None,
         reuse_recorded: rows whose metrics are here but whose checkpoint is not (committed results from
             another machine) count as done instead of being retrained. A figure that loads the models
             (Figures 3 and I) still needs the checkpoints.
+        report_only: run nothing; write the report from the jobs that are done (the others are "pending",
+            and a row with some seeds done reports those), e.g. while a grid runs elsewhere.
     """
     launcher = launcher or Local()
     gpus = getattr(launcher, "gpus_per_job", 0)
     grid = plan(name, scale=scale, data=data, out=out, max_iters=max_iters, seeds=seeds, seed=seed,
                 overrides=overrides, nproc_per_node=gpus if gpus > 1 else 0, reuse_recorded=reuse_recorded)
     table, out = grid.table, grid.out
-    if grid.row_jobs():
-        prepare_data(scale, Path(data).resolve() if data else out / "data")  # once, before workers start
     start = time.perf_counter()
-    errors = run_jobs(grid.row_jobs(), launcher=launcher, progress=progress)
-    # A figure analyses one seed's rows once they are all trained.
-    ready = [job for k, job in grid.figures.items() if all(is_done(jobs[k]) for _, jobs in grid.rows if k in jobs)]
-    errors.update(run_jobs(ready, launcher=launcher, progress=progress))
+    errors: dict[str, str] = {}
+    if not report_only:
+        if grid.row_jobs():
+            prepare_data(scale, Path(data).resolve() if data else out / "data")  # once, before workers start
+        errors = run_jobs(grid.row_jobs(), launcher=launcher, progress=progress)
+        # A figure analyses one seed's rows once they are all trained.
+        ready = [job for k, job in grid.figures.items()
+                 if all(is_done(jobs[k]) for _, jobs in grid.rows if k in jobs)]
+        errors.update(run_jobs(ready, launcher=launcher, progress=progress))
     results, claims, figures = _collect(grid, errors)
     setting = _setting(scale, max_iters, grid.seeds, time.perf_counter() - start)
     out.mkdir(parents=True, exist_ok=True)
@@ -198,10 +204,14 @@ def _collect(grid: Grid, errors: dict[str, str]) -> tuple[list[RowResult], list[
             results.append(RowResult(row, "not implemented" if row.variant is None else "not at this scale"))
             continue
         result = RowResult(row, "done")
-        problems = []
+        problems, pending = [], []
         for k, job in jobs.items():
             if not is_done(job):
-                problems.append(error_of(job))
+                state = read_state(job)
+                if errors.get(str(job.folder)) or (state is not None and state.state == "failed"):
+                    problems.append(error_of(job))
+                else:  # not run (yet): --report-only, or a grid still running elsewhere
+                    pending.append(job.label)
                 continue
             if table.kind == "figure":
                 if k not in per_seed:
@@ -219,6 +229,8 @@ def _collect(grid: Grid, errors: dict[str, str]) -> tuple[list[RowResult], list[
         result.notebook = result.notebooks[0] if result.notebooks else ""
         if problems:
             result.status, result.error = "failed", "; ".join(problems)
+        elif pending:
+            result.status, result.error = "pending", "not run yet: " + ", ".join(pending)
         results.append(result)
     claims: dict[str, dict[str, Any]] = {}
     for k, metrics in per_seed.items():
