@@ -260,13 +260,16 @@ def _setting(scale: str, max_iters: int, seeds: list[int], seconds: float) -> st
 
     s = get_scale(scale)
     iters = max_iters or next((int(o.split("=")[1]) for o in s.overrides if o.startswith("train.max_iters=")), None)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
+        f"CPU ({threads} thread{'s' if threads > 1 else ''})"
     data = "the synthetic benchmark" if s.synthetic else "the real dataset"
     budget = f"{iters} iterations per row" if iters else "the paper's schedule"
     runs = f"seed {seeds[0]}, one run per row" if len(seeds) == 1 else \
         f"seeds {seeds[0]}-{seeds[-1]}, {len(seeds)} runs per row"
-    return (f"Trained on {data}, {budget}, {runs}; {device}, {platform.machine()}; "
-            f"this invocation took {seconds / 60:.1f} min (rows done earlier are reused).")
+    return (f"Trained on {data}, {budget}, {runs}. This invocation ran on {device}, {platform.machine()}, and "
+            f"took {seconds / 60:.1f} min (rows done earlier are reused; each row's run/run_info.json says which "
+            "code trained it).")
 
 
 def list_tables() -> str:
