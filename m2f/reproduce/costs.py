@@ -15,6 +15,7 @@ and cached in OUT/model_costs.json.
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +29,14 @@ SIZE = (800, 1088)
 CACHE = "model_costs.json"
 
 
-def gmacs(model: torch.nn.Module, *inputs: torch.Tensor) -> float:
-    """Multiply-adds (in billions) of one inference-mode forward: "GFLOPs" as fvcore and the paper count."""
+def gmacs(run: Callable[..., Any], *inputs: torch.Tensor) -> float:
+    """Multiply-adds (in billions) of `run(*inputs)` in inference mode: "GFLOPs" as fvcore and the paper
+    count. A model in `run` should be in eval mode with no parameter needing a gradient (the counter's module
+    hooks trip over views of parameters otherwise)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    # No parameter may need a gradient: the counter's module hooks trip over views of parameters otherwise.
-    model.eval().requires_grad_(False)
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model(*inputs)
+        run(*inputs)
     return counter.get_total_flops() / 2e9
 
 
@@ -47,12 +48,15 @@ def paper_config(row: Row) -> Config:
 
 
 def model_cost(cfg: Config, size: tuple[int, int] = SIZE) -> dict[str, float]:
-    """{"parameters": count, "gflops": multiply-adds in billions} of `cfg`'s model on one image of `size`."""
+    """{"parameters": count, "gflops": multiply-adds in billions} of `cfg`'s model predicting the final set
+    for one image of `size`, as `m2f.predict` runs it (`intermediate=False`: the intermediate masks only where
+    the attention masks read them)."""
     from m2f.model import build_model, count_parameters
 
     torch.manual_seed(0)  # random weights; the count does not depend on them
-    model = build_model(cfg)
-    return {"parameters": count_parameters(model), "gflops": gmacs(model, torch.zeros(1, 3, *size))}
+    model = build_model(cfg).eval().requires_grad_(False)
+    image = torch.zeros(1, 3, *size)
+    return {"parameters": count_parameters(model), "gflops": gmacs(lambda x: model(x, intermediate=False), image)}
 
 
 def table_costs(table: Table, out: Path) -> dict[str, dict[str, float]]:
@@ -65,7 +69,8 @@ def table_costs(table: Table, out: Path) -> dict[str, dict[str, float]]:
         if row.variant is None:
             continue
         cfg = paper_config(row)
-        key = json.dumps({"model": cfg.model.__dict__, "size": SIZE}, sort_keys=True, default=str)
+        key = json.dumps({"model": cfg.model.__dict__, "size": SIZE, "intermediate": False}, sort_keys=True,
+                         default=str)
         if key not in cache:
             print(f"  counting the FLOPs of {row.label!r} in the paper's configuration", flush=True)
             cache[key] = {"variant": row.variant, **model_cost(cfg)}

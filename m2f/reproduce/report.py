@@ -191,9 +191,11 @@ def _cost_lines(table: Table, costs: dict[str, dict[str, float]]) -> list[str]:
 
     base = next((costs.get(r.label) for r in table.rows if r.baseline), None)
     lines = [f"## Model cost in the paper's configuration (R50, instance task, one {SIZE[0]}x{SIZE[1]} image)", "",
-             "Counted, not trained: the paper's FLOPs column. GFLOPs are multiply-adds, as the paper's counter "
-             "(fvcore) counts them, of matrix products and convolutions (fvcore also counts norms and "
-             "interpolation; neither sees the deformable attention's sampling; `m2f.reproduce.costs`).", "",
+             "Counted, not trained: the paper's FLOPs column, for the final prediction as `m2f.predict` runs it "
+             "(intermediate masks only where the attention masks read them). GFLOPs are multiply-adds, as the "
+             "paper's counter (fvcore) counts them, of matrix products and convolutions (fvcore also counts "
+             "norms and interpolation; neither sees the deformable attention's sampling; "
+             "`m2f.reproduce.costs`).", "",
              "| row | parameters (M) | GFLOPs ours / paper | Δ vs baseline ours / paper |", "|---|---|---|---|"]
     paper_base = next((r.paper.get("GFLOPs") for r in table.rows if r.baseline), None)
     for row in table.rows:
