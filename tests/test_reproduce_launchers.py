@@ -126,5 +126,6 @@ def test_report_only_runs_nothing_and_reports_the_finished_seeds_and_the_pending
                               report_only=True).read_text()
     assert "| Mask2Former (ours) (baseline) | 50.5 ± 0.71 / 51.9 |" in report   # both seeds
     assert "| - masked attention | 40.0 / 47.1 |" in report                    # the one finished seed
-    assert "## Rows still to train" in report and "- masked attention, seed 1" in report
+    assert "## Rows still to train" in report and "- **- masked attention**: seed 1 not run yet" in report
+    assert "| - masked attention | PQ | 40.0 | pending |" in report                # seed 1 in its column
     assert "## Failed rows" not in report

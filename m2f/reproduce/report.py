@@ -123,7 +123,7 @@ def markdown(table: Table, scale: str, results: list[RowResult], *, setting: str
     by_row: dict[str, dict[str, dict[str, Any]]] = {}
     for record in records:
         by_row.setdefault(record["row"], {})[record["metric"]] = record
-    seeds = max((r["seeds"] for r in records), default=0)
+    seeds = max([r["seeds"] for r in records] + [k + 1 for r in results for k in r.seeds], default=0)
     head = ["row", *[f"{m} ours / paper" for m in table.metrics], "Δ vs baseline: ours [95% interval] / paper",
             "verdict"]
     lines = [f"# {table.name}: {table.title}", "", f"Scale **{scale}**. {setting}", ""]
@@ -171,15 +171,19 @@ def markdown(table: Table, scale: str, results: list[RowResult], *, setting: str
     if seeds > 1:
         lines += ["", "## Every seed", "", "| row | metric | " + " | ".join(f"seed {i}" for i in range(seeds)) + " |",
                   "|" + "---|" * (seeds + 2)]
-        lines += [f"| {r['row']} | {r['metric']} | " + " | ".join(_fmt(float(v)) for v in r["values"].split(";")) + " |"
-                  for r in records if r["values"]]
+        for result in results:  # by seed number, so that a seed still to train shows where it belongs
+            for metric in table.metrics:
+                by_seed = dict(zip(result.seeds or [0], result.values_of(metric)))
+                if by_seed:
+                    cells = [_fmt(by_seed[k]) if k in by_seed else "pending" for k in range(seeds)]
+                    lines.append(f"| {result.row.label} | {metric} | " + " | ".join(cells) + " |")
     failed = [r for r in results if r.status == "failed"]
     if failed:
         lines += ["", "## Failed rows", ""] + [f"- {r.row.label}: {r.error}" for r in failed]
     pending = [r for r in results if r.status == "pending"]
     if pending:
         lines += ["", "## Rows still to train", "", "A row with some seeds done reports those seeds above.", ""]
-        lines += [f"- {r.row.label}: {r.error}" for r in pending]
+        lines += [f"- **{r.row.label}**: {r.error}" for r in pending]
     notebooks = [r for r in results if r.notebook]
     if notebooks:
         lines += ["", "Executed notebooks: " + ", ".join(_notebook_links(r) for r in notebooks)]

@@ -211,7 +211,7 @@ def _collect(grid: Grid, errors: dict[str, str]) -> tuple[list[RowResult], list[
                 if errors.get(str(job.folder)) or (state is not None and state.state == "failed"):
                     problems.append(error_of(job))
                 else:  # not run (yet): --report-only, or a grid still running elsewhere
-                    pending.append(job.label)
+                    pending.append(k)
                 continue
             if table.kind == "figure":
                 if k not in per_seed:
@@ -230,7 +230,8 @@ def _collect(grid: Grid, errors: dict[str, str]) -> tuple[list[RowResult], list[
         if problems:
             result.status, result.error = "failed", "; ".join(problems)
         elif pending:
-            result.status, result.error = "pending", "not run yet: " + ", ".join(pending)
+            result.status = "pending"
+            result.error = ("seed " if len(pending) == 1 else "seeds ") + ", ".join(map(str, pending)) + " not run yet"
         results.append(result)
     claims: dict[str, dict[str, Any]] = {}
     for k, metrics in per_seed.items():
