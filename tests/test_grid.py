@@ -20,7 +20,7 @@ from m2f.reproduce.launcher import worker_slots
 from m2f.reproduce.slurm import in_queue
 
 TABLE = "table12d"  # two rows: the MaskFormer and the Mask2Former decoder, both on the FPN pixel decoder
-ITERS = 4
+ITERS = 8  # checkpoints at 2, 4, 6: the Slurm test preempts after the first, six iterations before the end
 FAST = ["data.image_size=64", "data.test_size=64", "data.test_max_size=128", "data.num_workers=0",
         "model.num_queries=8", "loss.num_points=256", "train.eval_period=0", "train.batch_size=2",
         "train.checkpoint_period=2"]
@@ -116,19 +116,23 @@ def test_slurm_grid_equals_local_and_survives_a_requeue(local_grid, data, tmp_pa
             time.sleep(0.2)
         state = read_state_of(victim)
         assert state is not None and state.state == "running", state
+        finished_before = (victim / "metrics.json").is_file()  # too late to preempt: the message below says so
         subprocess.run(["scancel", "--signal=USR2", state.job_id], check=True)  # what Slurm sends on preemption
-        # Slurm holds a requeued job for about 2 minutes (Reason=BeginTime); release it to keep the test short.
         while in_queue(state.job_id) != "PENDING" and time.monotonic() < deadline:
             time.sleep(0.2)
-        subprocess.run(["scontrol", "update", f"JobId={state.job_id}", "StartTime=now"], check=True)
+        # Slurm holds a requeued job for about 2 minutes (Reason=BeginTime): the listing made now must show the
+        # victim as a pending Slurm job whatever the machine's speed; then release it to keep the test short.
         listing = subprocess.run([sys.executable, "-m", "m2f", "reproduce", TABLE, "--status", "--data", str(data),
                                   "--out", str(out), "--iters", str(ITERS), "--seeds", "2",
                                   *[a for o in FAST for a in ("--set", o)]], capture_output=True, text=True)
+        subprocess.run(["scontrol", "update", f"JobId={state.job_id}", "StartTime=now"], check=True)
         log, _ = grid.communicate(timeout=600)
         seconds = time.perf_counter() - tic
     assert grid.returncode == 0, log
     print(f"2x2 grid: slurm --jobs 2 with one requeue {seconds:.0f} s; local --jobs 2 {local_grid[3]:.0f} s")
-    assert "slurm job" in listing.stdout, listing.stdout + listing.stderr
+    victim_line = "".join(line for line in listing.stdout.splitlines() if "Mask2Former decoder, FPN, seed 0" in line)
+    assert f"pending  slurm job {state.job_id}" in victim_line and "requeued" in victim_line, (
+        f"finished before the signal: {finished_before}\n" + listing.stdout + listing.stderr)
     slurm_log = Path(read_state_of(victim).log).read_text() + Path(read_state_of(victim).log.replace(".out", ".err")).read_text()
     assert "Requeued job" in slurm_log or "requeue" in slurm_log.lower(), slurm_log[-3000:]
     assert read_state_of(victim).state == "done"
