@@ -260,3 +260,33 @@ def test_sampled_attention_mask_equals_the_full_resolution_rule(mask_size):
     assert torch.equal(sampled_attention_mask(embed, features, shapes), attention_mask(logits, shapes))
     odd = [(h // 3, w // 5)]  # not an even integer factor: every pixel is read
     assert torch.equal(sampled_attention_mask(embed, features, odd), attention_mask(logits, odd))
+
+
+def test_swin_window_attention_takes_the_fused_path_with_the_explicit_softmax_result():
+    """The Swin backbone runs timm's scaled_dot_product_attention path (bias + shift mask as attn_mask);
+    its features and gradients (the relative-position bias table's included) equal timm's explicit
+    q @ k^T + bias + mask, softmax, @ v path, in float64. A map size that is no multiple of the window
+    exercises the padding and the shifted-window mask."""
+    from timm.models.swin_transformer import WindowAttention
+
+    from m2f.backbone import Backbone
+
+    torch.manual_seed(0)
+    backbone = Backbone(name="swin_tiny_patch4_window7_224", freeze_bn=False).double()
+    attentions = [m for m in backbone.modules() if isinstance(m, WindowAttention)]
+    assert attentions and all(m.fused_attn for m in attentions)
+    x = torch.randn(2, 3, 100, 132, dtype=torch.float64)
+    results = []
+    for fused in (True, False):
+        for m in attentions:
+            m.fused_attn = fused
+        backbone.zero_grad()
+        feats = backbone(x)
+        weights = [torch.linspace(-1, 1, f.numel(), dtype=f.dtype).view_as(f) for f in feats.values()]
+        sum((f * w).sum() for f, w in zip(feats.values(), weights)).backward()
+        results.append(([f.detach() for f in feats.values()], [p.grad.clone() for p in backbone.parameters()]))
+    (fused_feats, fused_grads), (ref_feats, ref_grads) = results
+    for got, ref in zip(fused_feats + fused_grads, ref_feats + ref_grads):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    table = attentions[0].relative_position_bias_table
+    assert table.grad is not None and table.grad.abs().max() > 0
