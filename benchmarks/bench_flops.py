@@ -100,6 +100,7 @@ def measured_peak(device: str, repeats: int) -> dict[str, float]:
 def inference_workload(backbone: str, size: tuple[int, int], device: str) -> Workload:
     """An m2f model with random weights, batch 1: preprocess, backbone, pixel decoder, decoder, panoptic
     post-processing to the image size."""
+    from m2f.batchnorm_folding import fold_frozen_batchnorm
     from m2f.config import get_config
     from m2f.model import build_model
     from m2f.postprocess import postprocess
@@ -107,6 +108,7 @@ def inference_workload(backbone: str, size: tuple[int, int], device: str) -> Wor
     torch.manual_seed(0)
     # No parameter needs a gradient: the flop counter's module hooks trip over views of parameters otherwise.
     model = build_model(get_config(BACKBONES[backbone])).to(device).eval().requires_grad_(False)
+    fold_frozen_batchnorm(model)  # as `m2f predict` loads models
     image = torch.randint(0, 256, (1, 3, *size), dtype=torch.uint8, device=device)
     is_thing = [k < 80 for k in range(133)]
 

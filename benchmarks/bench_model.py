@@ -8,7 +8,8 @@ The peer is transformers' `Mask2FormerForUniversalSegmentation` (its deformable 
 PyTorch, `grid_sample` per level) with its own random initialisation (fixed seed); the m2f model is
 converted from it (`m2f.convert.from_transformers`), so both hold identical weights (the class head and
 the mask-embedding output layer are scaled x20 first, so that class scores and mask logits look like a
-trained model's instead of ~1/K and +-1). Both get the same image: m2f the uint8 image (it normalises
+trained model's instead of ~1/K and +-1). m2f runs as `m2f predict` loads models: frozen BatchNorm folded into
+the convolutions (`m2f.batchnorm_folding`). Both get the same image: m2f the uint8 image (it normalises
 and pads inside), transformers the normalised tensor m2f computes (its image processor would resize;
 its preprocessing is not timed, m2f's is). Before timing,
 the mask logits of all 10 prediction sets are compared; in fp32 the benchmark stops unless 99% of the
@@ -57,6 +58,7 @@ from common import (
 )
 from torch import Tensor, nn
 
+from m2f.batchnorm_folding import fold_frozen_batchnorm
 from m2f.memory import PeakMemory
 from m2f.testing import BACKBONES, AgreementError, model_pair
 
@@ -193,6 +195,13 @@ def stage_medians(result: dict[str, Any]) -> dict[str, float]:
     return {name: statistics.median(values) * 1e3 for name, values in per_run.items()}
 
 
+def inference_pair(backbone: str, *, device: str, fields: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
+    """`m2f.testing.model_pair`, with m2f's model as `m2f predict` loads it (frozen BatchNorm folded)."""
+    theirs, ours = model_pair(backbone, device=device, **fields)
+    fold_frozen_batchnorm(ours)
+    return theirs, ours
+
+
 def compare(backbone: str, *, size: tuple[int, int], device: str = "cpu", precision: str = "fp32",
             compile: bool = False, warmup: int = 1, repeats: int = 3, keep: int = KEPT_QUERIES,
             tolerance: float = TOLERANCE, fields: dict[str, Any] | None = None,
@@ -216,7 +225,7 @@ def compare(backbone: str, *, size: tuple[int, int], device: str = "cpu", precis
     """
     from m2f.ops.dispatch import resolve_impl
 
-    theirs, ours = model_pair(backbone, device=device, **(fields or {}))
+    theirs, ours = inference_pair(backbone, device=device, fields=fields or {})
     image = test_image(size, device)
     with torch.no_grad():
         pixel_values = ours.preprocess([image])
@@ -275,7 +284,7 @@ def memory_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(spec["threads"])
     device = spec["device"]
-    theirs, ours = model_pair(spec["backbone"], device=device, **spec["fields"])
+    theirs, ours = inference_pair(spec["backbone"], device=device, fields=spec["fields"])
     num_classes = ours.config.model.num_classes
     images = [test_image(size, device) for size in (tuple(spec["size"]), WARMUP_SIZE)]
     with torch.no_grad():
@@ -307,7 +316,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{meta.get('transformers', '?')}; load average (1/5/15 min) {meta['load_average_start']} at the start, "
         f"{meta['load_average_end']} at the end (shared machine). Same random weights (transformers' init with "
         "the class head and mask-embedding output layer x20, so that scores and mask logits look trained; "
-        "converted), same image; one run = forward + panoptic post-processing of 20 kept queries to the image "
+        "converted; m2f's frozen BatchNorm folded into the convolutions, as `m2f predict` loads models), same "
+        "image; one run = forward + panoptic post-processing of 20 kept queries to the image "
         "size (random masks overlap, so no segment passes the 80% overlap rule in either). Median of "
         f"{meta['repeats']} runs after {meta['warmup']} warm-up rounds, the two models in turns in one process. "
         "Peak memory: each model in a fresh process, growth of the peak "

@@ -290,3 +290,31 @@ def test_swin_window_attention_takes_the_fused_path_with_the_explicit_softmax_re
         torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
     table = attentions[0].relative_position_bias_table
     assert table.grad is not None and table.grad.abs().max() > 0
+
+
+def test_folding_frozen_batchnorm_keeps_the_model_function():
+    """R50 (frozen BN): all 53 convolution + BatchNorm pairs fold (stem, 16 blocks x 3, 4 shortcuts) and the
+    model's predictions stay those of the unfolded model, in float64, with non-trivial BN statistics. The
+    tiny preset's trainable BatchNorm is left alone."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from m2f.batchnorm_folding import fold_frozen_batchnorm
+
+    torch.manual_seed(0)
+    model = build_model(get_config("r50_coco_panoptic", ["model.num_classes=3", "model.num_queries=5"]))
+    model = model.double().eval()
+    for m in model.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_(0, 0.1)
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+    x = images(1, 64, 96).double()
+    with torch.no_grad():
+        ref = model(x)
+        assert fold_frozen_batchnorm(model) == 53
+        got = model(x)
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    torch.testing.assert_close(got["pred_masks"], ref["pred_masks"], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(got["pred_logits"], ref["pred_logits"], rtol=1e-9, atol=1e-9)
+    assert fold_frozen_batchnorm(tiny()) == 0

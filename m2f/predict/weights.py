@@ -11,7 +11,8 @@ from m2f.model import Mask2Former
 
 def load_weights(source: str | Path, *, device: str | torch.device = "cpu", dataset: str | Path | None = None,
                  overrides: Iterable[str] = ()) -> tuple[Mask2Former, Categories]:
-    """A model (eval mode, `model.config` set) and its label metadata, from any of:
+    """A model for inference (eval mode, `model.config` set, frozen BatchNorm folded into the convolutions by
+    `m2f.batchnorm_folding`) and its label metadata, from any of:
 
     - a run directory (`m2f train` output, its checkpoint.pth) or an m2f checkpoint file;
     - the original repository's `model_final_*.pkl` (converted in memory by `m2f.convert`);
@@ -31,6 +32,7 @@ def load_weights(source: str | Path, *, device: str | torch.device = "cpu", data
         FileNotFoundError: nothing loadable at `source`.
         ValueError: the weights do not fit their config, or `dataset` has another class count.
     """
+    from m2f.batchnorm_folding import fold_frozen_batchnorm
     from m2f.data.metadata import categories_for
     from m2f.pretrained import load_pretrained
     from m2f.run_dir import RunDir
@@ -39,4 +41,5 @@ def load_weights(source: str | Path, *, device: str | torch.device = "cpu", data
     if path.is_dir() and RunDir.at(path).has_checkpoint():
         path = RunDir.at(path).checkpoint
     model = load_pretrained(path if path.exists() else str(source), overrides=overrides, device=device)
+    fold_frozen_batchnorm(model)
     return model, categories_for(model.config, dataset=dataset)
