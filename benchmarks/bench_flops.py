@@ -26,7 +26,16 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
-from common import benchmark_parser, box_targets, machine_info, parse_or_work, synchronize, write_report
+from common import (
+    benchmark_parser,
+    box_targets,
+    inference_allocator,
+    inference_allocator_option,
+    machine_info,
+    parse_or_work,
+    synchronize,
+    write_report,
+)
 from torch.utils.flop_counter import FlopCounterMode
 
 BACKBONES = {"r50": "r50_coco_panoptic", "swin_t": "swin_t_coco_panoptic"}
@@ -171,7 +180,9 @@ def markdown(report: dict[str, Any]) -> str:
              f"{peak['conv3x3_gflop_per_s']:.0f} GFLOP/s; % of peak is against the larger. FLOPs from "
              "torch.utils.flop_counter (matmul, convolution, attention; not the deformable sampling, grid_sample, "
              "norms or elementwise work), so GFLOP/s is a lower bound on the work done. Median of "
-             f"{meta['repeats']} runs after {meta['warmup']} warm-ups; `python benchmarks/bench_flops.py`.", ""]
+             f"{meta['repeats']} runs after {meta['warmup']} warm-ups; `python benchmarks/bench_flops.py`"
+             f"{'; glibc malloc keeping freed blocks, as `m2f predict` sets it' if meta.get('keep_freed_memory') else ''}.",
+             ""]
     for name, rows in report["inference"].items():
         lines += [f"## Inference, {name} (batch 1, {meta['size'][0]}x{meta['size'][1]}, panoptic post-processing)",
                   "", *table(rows), ""]
@@ -184,14 +195,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--size", type=int, nargs=2, default=(800, 1216))
     parser.add_argument("--backbones", nargs="+", choices=tuple(BACKBONES), default=list(BACKBONES))
+    inference_allocator_option(parser)
     args = parse_or_work(parser, lambda spec: spec)
     if args is None:
         return
+    kept = inference_allocator(args)
     peak = measured_peak(args.device, args.repeats)
     options = {"warmup": args.warmup, "repeats": args.repeats, "device": args.device,
                "peak": peak["peak_gflop_per_s"]}
     report = {"meta": {**machine_info(args.device, args.threads), "repeats": args.repeats, "warmup": args.warmup,
-                       "size": list(args.size)},
+                       "size": list(args.size), "keep_freed_memory": kept},
               "peak": peak,
               "inference": {b: measure(inference_workload(b, tuple(args.size), args.device),
                                        context=torch.inference_mode, **options) for b in args.backbones},

@@ -45,6 +45,8 @@ from common import (
     benchmark_parser,
     check_agreement,
     forward_stages,
+    inference_allocator,
+    inference_allocator_option,
     logit_agreement,
     machine_info,
     operator_lines,
@@ -69,6 +71,8 @@ VARIANTS = {  # (precision, torch.compile) per device
 }
 KEPT_QUERIES = 20
 WARMUP_SIZE = (64, 64)
+ALLOCATOR_NOTE = (" (with glibc's malloc keeping freed blocks, as `m2f predict` sets it, `m2f.allocator`: both "
+                  "models gain from it; in the memory processes only m2f's has it)")
 STAGES = ("other", "backbone", "pixel_decoder", "transformer_decoder", "postprocess")
 STAGE_NOTES = {
     "other": "m2f: normalise + pad; transformers: class heads",
@@ -205,7 +209,7 @@ def inference_pair(backbone: str, *, device: str, fields: dict[str, Any]) -> tup
 def compare(backbone: str, *, size: tuple[int, int], device: str = "cpu", precision: str = "fp32",
             compile: bool = False, warmup: int = 1, repeats: int = 3, keep: int = KEPT_QUERIES,
             tolerance: float = TOLERANCE, fields: dict[str, Any] | None = None,
-            memory: bool = True) -> dict[str, Any]:
+            memory: bool = True, keep_freed_memory: bool = False) -> dict[str, Any]:
     """Times m2f against transformers on one image (the benchmark's core; see the module docstring).
 
     Args:
@@ -213,6 +217,8 @@ def compare(backbone: str, *, size: tuple[int, int], device: str = "cpu", precis
         size: (H, W) of the image.
         fields: `Mask2FormerConfig` fields for a smaller model (tests).
         memory: also measure peak memory, each model in a fresh worker process.
+        keep_freed_memory: m2f's memory worker sets glibc's malloc as `m2f predict` does (`m2f.allocator`);
+            transformers' keeps the default. (The timed runs share this process and its setting.)
 
     Returns:
         The row: settings, per model {median_ms, min_ms, max_ms, runs, images_per_s, stages_ms,
@@ -271,7 +277,8 @@ def compare(backbone: str, *, size: tuple[int, int], device: str = "cpu", precis
                 "compile": compile, "threshold": threshold, "fields": fields or {},
                 "threads": torch.get_num_threads()}
         for name in MODELS:
-            row[name].update(run_worker(__file__, {**spec, "model": name}))
+            keep = keep_freed_memory and name == "m2f"
+            row[name].update(run_worker(__file__, {**spec, "model": name, "keep_freed_memory": keep}))
         row["memory_ratio"] = row["transformers"]["peak_mb"] / row["m2f"]["peak_mb"]
         row["peak_memory_method"] = row["m2f"].pop("method")
         row["transformers"].pop("method")
@@ -283,6 +290,10 @@ def memory_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import gc
 
     torch.set_num_threads(spec["threads"])
+    if spec["keep_freed_memory"]:
+        from m2f.allocator import keep_freed_memory
+
+        keep_freed_memory()
     device = spec["device"]
     theirs, ours = inference_pair(spec["backbone"], device=device, fields=spec["fields"])
     num_classes = ours.config.model.num_classes
@@ -319,7 +330,8 @@ def markdown(report: dict[str, Any]) -> str:
         "converted; m2f's frozen BatchNorm folded into the convolutions, as `m2f predict` loads models), same "
         "image; one run = forward + panoptic post-processing of 20 kept queries to the image "
         "size (random masks overlap, so no segment passes the 80% overlap rule in either). Median of "
-        f"{meta['repeats']} runs after {meta['warmup']} warm-up rounds, the two models in turns in one process. "
+        f"{meta['repeats']} runs after {meta['warmup']} warm-up rounds, the two models in turns in one process"
+        f"{ALLOCATOR_NOTE if meta.get('keep_freed_memory') else ''}. "
         "Peak memory: each model in a fresh process, growth of the peak "
         f"{'RSS' if meta['device'] == 'cpu' else 'allocated memory'} during a full-size warm-up and one run "
         "above the memory held after building it and a 64x64 warm-up (both processes hold the same weights, "
@@ -407,15 +419,18 @@ def main() -> None:
     parser.add_argument("--backbones", nargs="+", choices=BACKBONES, default=list(BACKBONES))
     parser.add_argument("--size", type=int, nargs=2, default=(800, 1216), metavar=("H", "W"))
     parser.add_argument("--warmup", type=int, default=2)
+    inference_allocator_option(parser)
     args = parse_or_work(parser, memory_worker)
     if args is None:
         return
-    meta = {**machine_info(args.device, args.threads), "repeats": args.repeats, "warmup": args.warmup}
+    meta = {**machine_info(args.device, args.threads), "repeats": args.repeats, "warmup": args.warmup,
+            "keep_freed_memory": inference_allocator(args)}
     rows = []
     for backbone in args.backbones:
         for precision, compiled in VARIANTS[args.device]:
             row = compare(backbone, size=tuple(args.size), device=args.device, precision=precision,
-                          compile=compiled, warmup=args.warmup, repeats=args.repeats)
+                          compile=compiled, warmup=args.warmup, repeats=args.repeats,
+                          keep_freed_memory=meta["keep_freed_memory"])
             rows.append(row)
             summary = row.get("error") or (f"m2f {row['m2f']['median_ms']:.0f} ms, transformers "
                                            f"{row['transformers']['median_ms']:.0f} ms, {row['speedup']:.2f}x")

@@ -86,6 +86,20 @@ def benchmark_parser(doc: str, *, repeats: int) -> argparse.ArgumentParser:
     return parser
 
 
+def inference_allocator_option(parser: argparse.ArgumentParser) -> None:
+    """--keep-freed-memory / --no-keep-freed-memory for the full-size inference benchmarks: glibc's malloc as
+    `m2f predict` sets it (`m2f.allocator`) or its default."""
+    parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="glibc's malloc keeps freed blocks, as m2f predict sets it (default: yes)")
+
+
+def inference_allocator(args: argparse.Namespace) -> bool:
+    """Applies `inference_allocator_option`'s choice to this process; True where freed memory is now kept."""
+    from m2f.allocator import keep_freed_memory
+
+    return bool(args.keep_freed_memory) and args.device == "cpu" and keep_freed_memory()
+
+
 def parse_or_work(parser: argparse.ArgumentParser,
                   worker: Callable[[dict[str, Any]], dict[str, Any]]) -> argparse.Namespace | None:
     """Parses the arguments. Started by `run_worker`: runs `worker` on the spec, prints its result as

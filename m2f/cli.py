@@ -90,6 +90,10 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from m2f.predict.files import image_ids_from
 
     logging.basicConfig(level=logging.INFO, format="m2f predict: %(message)s")  # the conversion notes
+    if args.keep_freed_memory and not args.device.startswith("cuda"):
+        from m2f.allocator import keep_freed_memory
+
+        keep_freed_memory()
     model, categories = load_weights(args.weights, device=args.device, dataset=args.dataset, overrides=args.overrides)
     summary = predict_files(model, args.inputs, task=args.task, out=args.out, categories=categories,
                             batch_size=args.batch_size, min_score=args.min_score,
@@ -274,6 +278,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-score", type=float, default=0.5, help="segments drawn in the overlay (files keep all)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. --set model.deform_impl=torch (repeatable)")
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="on the CPU, glibc's malloc keeps freed blocks for reuse (m2f.allocator): ~1.2x faster at "
+                   "800x1216, ~+250 MB peak memory for R50")
     p.set_defaults(fn=cmd_predict)
 
     p = sub.add_parser("export", help="export a model as a torch.export ExportedProgram (.pt2) or ONNX file")

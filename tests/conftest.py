@@ -1,4 +1,5 @@
-"""Shared pytest setup: CPU threads, the gpu marker's skip, and small model fixtures."""
+"""Shared pytest setup: CPU threads, the gpu marker's skip, the allocator setting held off, and small model
+fixtures."""
 
 import os
 
@@ -16,6 +17,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def allocator_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """`m2f.allocator.keep_freed_memory` recorded, not applied: its setting is process-wide and would reach
+    every later test in the process (tests/test_allocator.py applies it in fresh interpreters)."""
+    import m2f.allocator
+
+    calls: list[str] = []
+    monkeypatch.setattr(m2f.allocator, "keep_freed_memory", lambda: calls.append("keep") or True)
+    return calls
 
 
 @pytest.fixture(scope="session")

@@ -140,11 +140,12 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-def test_cli_panoptic_files_are_read_by_eval_files(synthetic, checkpoint, tmp_path, capsys):
+def test_cli_panoptic_files_are_read_by_eval_files(synthetic, checkpoint, tmp_path, capsys, allocator_calls):
     gt_json = synthetic / "annotations" / "panoptic_val2017.json"
     out = tmp_path / "pred"
     main(["predict", str(synthetic / "val2017"), "--weights", str(checkpoint.parent), "--task", "panoptic",
           "--out", str(out), "--image-ids", str(gt_json), "--batch-size", "2"])
+    assert allocator_calls == ["keep"]  # on the CPU by default (m2f.allocator)
     summary = json.loads(capsys.readouterr().out)
     assert summary["images"] == 3 and summary["predicted"] == 3
     results = json.loads((out / "panoptic.json").read_text())
@@ -169,11 +170,13 @@ def test_cli_panoptic_files_are_read_by_eval_files(synthetic, checkpoint, tmp_pa
     assert "All" in json.loads(capsys.readouterr().out)
 
 
-def test_cli_instance_results_are_coco_rle_that_pycocotools_reads(synthetic, checkpoint, tmp_path, capsys):
+def test_cli_instance_results_are_coco_rle_that_pycocotools_reads(synthetic, checkpoint, tmp_path, capsys,
+                                                                   allocator_calls):
     gt_json = synthetic / "annotations" / "instances_val2017.json"
     out = tmp_path / "pred"
     main(["predict", str(synthetic / "val2017" / "*.png"), "--weights", str(checkpoint), "--task", "instance",
-          "--out", str(out), "--image-ids", str(gt_json)])
+          "--out", str(out), "--image-ids", str(gt_json), "--no-keep-freed-memory"])
+    assert allocator_calls == []
     capsys.readouterr()
     detections = json.loads((out / "instances.json").read_text())
     coco = load_coco(gt_json)

@@ -117,6 +117,9 @@ def predict(model: torch.nn.Module, images: Sequence[ImageLike], *, task: Task,
             categories: Categories | None = None, test: Any = None, resize: bool = True) -> list[Prediction]:
     """Segments images with one forward pass of the model over the batch.
 
+    On the CPU at full size, `m2f.allocator.keep_freed_memory()` once per process makes it ~1.2x faster
+    (`m2f predict` does it), for more peak memory.
+
     Args:
         model: a Mask2Former (e.g. from `m2f.load_pretrained` or `m2f.predict.load_weights`).
         images: (3, H, W) uint8 tensors, (H, W, 3) uint8 arrays or image files, any sizes.
