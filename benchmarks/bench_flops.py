@@ -143,7 +143,7 @@ def training_workload(device: str) -> Workload:
 
     torch.manual_seed(0)
     cfg = get_config("tiny")
-    model = build_model(cfg).to(device).train()
+    model = build_model(cfg).to(device, memory_format=torch.channels_last).train()  # as m2f.train runs it
     criterion = build_criterion(cfg)
     optimizer = build_optimizer(model, cfg.train)
     images = [torch.randint(0, 256, (3, 128, 128), dtype=torch.uint8, device=device) for _ in range(8)]

@@ -3,6 +3,7 @@ included, side by side; latency, images/s, peak memory, and where each model's t
 
     python benchmarks/bench_model.py [--device cpu|cuda] [--backbones r50 swin_t] [--size 800 1216]
                                      [--repeats 5] [--warmup 2] [--threads 2] [--out benchmarks/results]
+                                     [--no-keep-freed-memory] [--shipped-rounds 2]
 
 The peer is transformers' `Mask2FormerForUniversalSegmentation` (its deformable attention is pure
 PyTorch, `grid_sample` per level) with its own random initialisation (fixed seed); the m2f model is
@@ -23,7 +24,10 @@ must keep 80% of its mask) drops all of them in both and no segment survives; th
 (resize to the image size, argmax, areas) is done for all 20.
 
 Timing: one process holds both models and runs them in turns (A B, B A, ...), `--warmup` untimed
-rounds, then `--repeats` timed ones; medians are reported. Stage times come from forward hooks
+rounds, then `--repeats` timed ones; medians are reported. That process has glibc's malloc keeping freed
+blocks, as `m2f predict` sets it (`m2f.allocator`), for both models (`--no-keep-freed-memory`: the default
+for both). On the CPU each model is also timed as shipped (`as_shipped`, `--shipped-rounds`): in its own
+fresh process, m2f with that setting and transformers without, the processes in turns. Stage times come from forward hooks
 (backbone, pixel decoder, its deformable attention modules, Transformer decoder); post-processing is
 the run minus the model call. Peak memory: each model again in a fresh process, which builds it, warms
 it up on a 64x64 image, then measures one full-size warm-up and one run: CPU, peak RSS above the RSS
@@ -209,7 +213,7 @@ def inference_pair(backbone: str, *, device: str, fields: dict[str, Any]) -> tup
 def compare(backbone: str, *, size: tuple[int, int], device: str = "cpu", precision: str = "fp32",
             compile: bool = False, warmup: int = 1, repeats: int = 3, keep: int = KEPT_QUERIES,
             tolerance: float = TOLERANCE, fields: dict[str, Any] | None = None,
-            memory: bool = True, keep_freed_memory: bool = False) -> dict[str, Any]:
+            memory: bool = True, keep_freed_memory: bool = False, shipped_rounds: int = 0) -> dict[str, Any]:
     """Times m2f against transformers on one image (the benchmark's core; see the module docstring).
 
     Args:
@@ -219,12 +223,14 @@ def compare(backbone: str, *, size: tuple[int, int], device: str = "cpu", precis
         memory: also measure peak memory, each model in a fresh worker process.
         keep_freed_memory: m2f's memory worker sets glibc's malloc as `m2f predict` does (`m2f.allocator`);
             transformers' keeps the default. (The timed runs share this process and its setting.)
+        shipped_rounds: > 0 also times each model as shipped (`as_shipped`), in that many rounds of worker
+            processes.
 
     Returns:
         The row: settings, per model {median_ms, min_ms, max_ms, runs, images_per_s, stages_ms,
         peak_mb} (m2f also "profile": `common.top_operators` of one more run), "speedup" (transformers /
         m2f median time), "memory_ratio" (transformers / m2f peak), "agreement", "panoptic_threshold",
-        "deform_impl".
+        "deform_impl", and "as_shipped" with `shipped_rounds`.
 
     Raises:
         AgreementError: in fp32 the two models' outputs fail `common.check_agreement`.
@@ -272,21 +278,24 @@ def compare(backbone: str, *, size: tuple[int, int], device: str = "cpu", precis
     if not compile:
         row["m2f"]["profile"] = top_operators(runners.m2f, device=device)
     row["speedup"] = row["transformers"]["median_ms"] / row["m2f"]["median_ms"]
+    spec = {"backbone": backbone, "size": list(size), "device": device, "precision": precision,
+            "compile": compile, "threshold": threshold, "fields": fields or {}, "threads": torch.get_num_threads()}
+    if shipped_rounds:
+        row["as_shipped"] = as_shipped(spec, rounds=shipped_rounds, warmup=warmup, repeats=repeats)
     if memory:
-        spec = {"backbone": backbone, "size": list(size), "device": device, "precision": precision,
-                "compile": compile, "threshold": threshold, "fields": fields or {},
-                "threads": torch.get_num_threads()}
         for name in MODELS:
             keep = keep_freed_memory and name == "m2f"
-            row[name].update(run_worker(__file__, {**spec, "model": name, "keep_freed_memory": keep}))
+            row[name].update(run_worker(__file__, {**spec, "measure": "memory", "model": name,
+                                                   "keep_freed_memory": keep}))
         row["memory_ratio"] = row["transformers"]["peak_mb"] / row["m2f"]["peak_mb"]
         row["peak_memory_method"] = row["m2f"].pop("method")
         row["transformers"].pop("method")
     return row
 
 
-def memory_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Peak memory of one model's run in this (fresh) process; see the module docstring."""
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One model in this (fresh) process, as the spec says: its peak memory (`"measure": "memory"`) or the
+    seconds of its timed runs (`"time"`, for `as_shipped`); see the module docstring."""
     import gc
 
     torch.set_num_threads(spec["threads"])
@@ -308,6 +317,9 @@ def memory_worker(spec: dict[str, Any]) -> dict[str, Any]:
     full, small = (Runners(theirs=theirs, ours=ours, image=image, pixel_values=values, num_classes=num_classes,
                            threshold=spec["threshold"], precision=spec["precision"],
                            compile=spec["compile"]).run(spec["model"]) for image, values in zip(images, pixel_values))
+    if spec["measure"] == "time":
+        return alternate({spec["model"]: full}, warmup=spec["warmup"], repeats=spec["repeats"],
+                         device=device)[spec["model"]]
     # Load kernels and thread pools first; on CUDA the full-size warm-up can come first too (the
     # allocator's counters, unlike RSS, do not keep freed memory).
     (full if device == "cuda" else small)()
@@ -317,6 +329,26 @@ def memory_worker(spec: dict[str, Any]) -> dict[str, Any]:
     full()
     synchronize(device)
     return {"peak_mb": memory.peak_bytes() / 2**20, "method": memory.method}
+
+
+def as_shipped(spec: dict[str, Any], *, rounds: int, warmup: int, repeats: int) -> dict[str, Any]:
+    """Each model as its users run it, in its own fresh process: m2f with glibc's malloc keeping freed
+    blocks (as `m2f predict` sets it), transformers with glibc's default. The processes run in turns
+    (m2f, transformers; then transformers, m2f; ...), each `warmup` untimed and `repeats` timed runs.
+
+    Returns:
+        {model: timing_summary of all its timed runs, "speedup": transformers / m2f median, "rounds": rounds}.
+    """
+    seconds: dict[str, list[float]] = {name: [] for name in MODELS}
+    for r in range(rounds):
+        for name in MODELS if r % 2 == 0 else reversed(MODELS):
+            result = run_worker(__file__, {**spec, "measure": "time", "model": name, "warmup": warmup,
+                                           "repeats": repeats, "keep_freed_memory": name == "m2f"})
+            seconds[name] += result["seconds"]
+    summary: dict[str, Any] = {name: timing_summary(seconds[name]) for name in MODELS}
+    summary["speedup"] = summary["transformers"]["median_ms"] / summary["m2f"]["median_ms"]
+    summary["rounds"] = rounds
+    return summary
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -355,6 +387,17 @@ def markdown(report: dict[str, Any]) -> str:
                      f"**{row['speedup']:.2f}x** | {m['images_per_s']:.3f} | {t['images_per_s']:.3f} | {memory} | "
                      f"{row['agreement']['mask_logits_max_abs_diff']:.1e}, "
                      f"{100 * row['agreement']['queries_within_tolerance']:.1f}% |")
+    shipped = [row for row in report["rows"] if "as_shipped" in row]
+    if shipped:
+        lines += ["", "As shipped: each model in its own fresh process, m2f with glibc's malloc keeping freed blocks "
+                  "(as `m2f predict` sets it), transformers with glibc's default; the processes in turns, each "
+                  f"{meta['warmup']} warm-up and {meta['repeats']} timed runs (`--shipped-rounds`).", "",
+                  "| backbone | input | rounds | m2f ms | transformers ms | speed-up |", "|---|---|---|---|---|---|"]
+        for row in shipped:
+            a = row["as_shipped"]
+            lines.append(f"| {row['backbone']} | {'x'.join(map(str, row['size']))} | {a['rounds']} | "
+                         f"{a['m2f']['median_ms']:.0f} | {a['transformers']['median_ms']:.0f} | "
+                         f"**{a['speedup']:.2f}x** |")
     lines += ["", "Agreement, checked before timing on the mask logits of all 10 prediction sets x 100 queries "
               f"(largest |logit| {report['rows'][0]['agreement']['mask_logits_abs_max']:.1f}): fp32 rows stop the "
               f"benchmark unless 99% of the (set, query) pairs agree within {TOLERANCE:g} and none differs by more "
@@ -420,7 +463,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, nargs=2, default=(800, 1216), metavar=("H", "W"))
     parser.add_argument("--warmup", type=int, default=2)
     inference_allocator_option(parser)
-    args = parse_or_work(parser, memory_worker)
+    parser.add_argument("--shipped-rounds", type=int, default=2,
+                        help="rounds of worker processes timing each model as shipped (CPU; 0: none)")
+    args = parse_or_work(parser, worker)
     if args is None:
         return
     meta = {**machine_info(args.device, args.threads), "repeats": args.repeats, "warmup": args.warmup,
@@ -430,10 +475,13 @@ def main() -> None:
         for precision, compiled in VARIANTS[args.device]:
             row = compare(backbone, size=tuple(args.size), device=args.device, precision=precision,
                           compile=compiled, warmup=args.warmup, repeats=args.repeats,
-                          keep_freed_memory=meta["keep_freed_memory"])
+                          keep_freed_memory=meta["keep_freed_memory"],
+                          shipped_rounds=args.shipped_rounds if args.device == "cpu" else 0)
             rows.append(row)
             summary = row.get("error") or (f"m2f {row['m2f']['median_ms']:.0f} ms, transformers "
                                            f"{row['transformers']['median_ms']:.0f} ms, {row['speedup']:.2f}x")
+            if "as_shipped" in row:
+                summary += f"; as shipped {row['as_shipped']['speedup']:.2f}x"
             print(f"{backbone} {precision}{' compile' if compiled else ''}: {summary}", flush=True)
     meta["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     report = {"meta": meta, "rows": rows}

@@ -192,9 +192,15 @@ def test_alternate_takes_turns_and_drops_warmups():
 @pytest.mark.slow
 def test_memory_workers_run_in_fresh_processes():
     """The full path: both scripts' peak-memory workers as subprocesses (about a minute)."""
-    row = bench_model.compare("r18", size=SIZE, warmup=0, repeats=1, keep=4, fields=TINY)
+    row = bench_model.compare("r18", size=SIZE, warmup=0, repeats=1, keep=4, fields=TINY, shipped_rounds=1)
     assert row["memory_ratio"] == pytest.approx(row["transformers"]["peak_mb"] / row["m2f"]["peak_mb"])
     assert row["m2f"]["peak_mb"] > 0 and row["transformers"]["peak_mb"] > 0
+    shipped = row["as_shipped"]  # each model timed in its own process
+    assert shipped["m2f"]["runs"] == shipped["transformers"]["runs"] == 1 and shipped["rounds"] == 1
+    assert shipped["speedup"] == pytest.approx(shipped["transformers"]["median_ms"] / shipped["m2f"]["median_ms"])
+    meta = {**common.machine_info("cpu", 2), "repeats": 1, "warmup": 0, "load_average_end": [0.0, 0.0, 0.0]}
+    assert f"| r18 | 64x96 | 1 | {shipped['m2f']['median_ms']:.0f} |" in bench_model.markdown({"meta": meta,
+                                                                                                "rows": [row]})
     row = bench_train_step.compare(backbone="r18", size=64, batch=2, warmup=0, repeats=1, fields=TINY)
     for name, ratio in row["ratios"].items():
         assert ratio["memory"] == pytest.approx(row["transformers"]["peak_mb"] / row[name]["peak_mb"])
