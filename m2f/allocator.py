@@ -13,8 +13,8 @@ again only once it has merged with a free neighbour: a loop over one 128 MB tens
 up to ~10 rounds (tests/test_allocator.py). For R50 at 800x1216, images of three sizes in turns, the
 process's peak RSS settled at 2300 MB against 2050 MB with the default (+12%), after 4 images.
 
-Process-wide by nature, so it is not set on import: `m2f.predict.load_weights` (`m2f predict`,
-`m2f export`) and the inference benchmarks call it. Small tensors (tiny-scale training at 128 px) are
+Process-wide by nature, so it is not set on import: `m2f predict` on the CPU (unless
+`--no-keep-freed-memory`) and the inference benchmarks call it; in Python, call it once yourself. Small tensors (tiny-scale training at 128 px) are
 below the threshold anyway: the tiny training step gains nothing from it. Elsewhere than glibc (macOS,
 musl) it does nothing and says so.
 """
